@@ -1,0 +1,23 @@
+"README.md mirrors nbs/index.ipynb (quarto renders it on GitHub; it cannot run here), and CI runs its test command."
+import json, re
+from pathlib import Path
+
+root = Path(__file__).parent.parent
+
+
+def test_readme_mirrors_index():
+    readme = root.joinpath('README.md').read_text()
+    cells = json.loads(root.joinpath('nbs/index.ipynb').read_text())['cells']
+    for c in cells:
+        if c['cell_type'] != 'markdown': continue
+        for para in re.split(r'\n\s*\n', ''.join(c['source'])):
+            if para.startswith('> ') or para.startswith('# '): continue  # title block
+            assert para.strip() in readme, para
+
+
+def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
+    readme = root.joinpath('README.md').read_text()
+    cmds = re.findall(r'```sh\n(.*?)\n```', readme, re.S)
+    assert len(cmds) == 2 and all(c.startswith('python3 -m venv .venv && ') for c in cmds)
+    assert 'fastai-order-demo' in cmds[0] and 'pytest' in cmds[1] and 'nbdev-test' in cmds[1]
+    assert "grep -m1 -E '^python3 -m venv \\.venv .*pytest' README.md" in root.joinpath('.ci/run').read_text()

@@ -1,0 +1,129 @@
+import pytest, torch
+from torch import nn
+import fastai.vision.models.xresnet as fxr
+from fastai.layers import ConvLayer
+from fastai.learner import Learner
+from fastai.data.core import DataLoaders
+from fastai.losses import CrossEntropyLossFlat
+from fastai.callback.schedule import *  # fit_one_cycle
+import torchvision
+from torchvision.ops.misc import Conv2dNormActivation
+from fastai_order.order import LayerOrder
+from fastai_order.layers import OrderedConvLayer, ordered_xresnet, ordered_cnn, block_roles
+from fastai_order.swap import swap_order, SwapReport
+
+
+def tensors(m): return [*m.parameters(), *m.buffers()]
+
+def orders(m): return [str(LayerOrder([r for r in block_roles(b) if r != 'xtra']))
+                       for b in m.modules() if isinstance(b, (ConvLayer, Conv2dNormActivation))]
+
+
+@pytest.mark.parametrize('make', [lambda: fxr.xresnet18(n_out=4), lambda: ordered_xresnet('xresnet34', n_out=4),
+                                  lambda: ordered_cnn(n_out=4, p=0.1)])
+@pytest.mark.parametrize('order', ['bn_after', 'pool_before_act', 'keras_question', 'lesson7'])
+def test_swap_keeps_tensors_keys_dtype_and_mode(make, order):
+    m = make().double().eval()
+    before, keys = tensors(m), list(m.state_dict())
+    report = swap_order(m, order)
+    assert all(a is b for a, b in zip(before, tensors(m))) and len(before) == len(tensors(m))
+    assert list(m.state_dict()) == keys
+    assert not any(x.training for x in m.modules()) and all(p.dtype == torch.float64 for p in m.parameters())
+    assert m(torch.randn(2, 3, 32, 32, dtype=torch.float64)).shape == (2, 4)
+    assert report.paths() and all(LayerOrder(r['new']) == LayerOrder(order).fit(LayerOrder(r['new'])) for r in report.rows
+                                  if r['status'] != 'skipped')
+
+
+def test_swap_back_and_forth_is_the_same_function():
+    m = fxr.xresnet18(n_out=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    y = m(x)
+    for o in ['bn_after', 'lesson7', 'pool_before_bn', 'resnet']: swap_order(m, o)
+    assert torch.allclose(m(x), y, atol=1e-5)
+
+
+def test_swapped_model_equals_model_built_in_that_order():
+    torch.manual_seed(0); a = ordered_xresnet('xresnet18', 'resnet', n_out=4)
+    torch.manual_seed(0); b = ordered_xresnet('xresnet18', 'bn_after', n_out=4)
+    swap_order(a, 'bn_after')
+    x = torch.randn(2, 3, 64, 64)
+    assert orders(a) == orders(b) and torch.equal(a(x), b(x))
+
+
+def test_report_lists_rewritten_unchanged_and_skipped():
+    m = fxr.xresnet18(n_out=4)
+    r = swap_order(m, 'bn_after')
+    df = r.df
+    assert list(df.columns) == SwapReport.cols
+    assert (df.status == 'rewritten').sum() == 11 and (df.status == 'unchanged').sum() == 11
+    assert set(df[df.status == 'unchanged'].reason) == {'has no act'}
+    assert df.loc[df.path == '0', ['old', 'new']].values.tolist() == [['conv-bn-act', 'conv-act-bn']]
+    assert '11 rewritten' in repr(r) and '4.0.convpath.0' in repr(r) and '<table' in r._repr_html_()
+    assert swap_order(m, 'bn_after').paths() == []  # already in that order
+
+
+def test_nothing_to_swap_is_a_report_not_an_error():
+    r = swap_order(torchvision.models.resnet18(num_classes=4), 'bn_after')
+    assert r.paths() == [] and 'Nothing to swap' in repr(r)
+    assert 'conv1' in r.paths('skipped') and 'forward()' in r.df.reason[0]
+    assert 'Nothing to swap' in repr(swap_order(nn.Linear(3, 3), 'resnet'))
+
+
+def test_torchvision_conv_norm_activation():
+    m = torchvision.models.mobilenet_v3_small(num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    y = m(x)
+    r = swap_order(m, 'bn_after')
+    blocks = [b for b in m.modules() if isinstance(b, Conv2dNormActivation)]
+    assert len(r.paths()) == sum('act' in block_roles(b) for b in blocks) > 10
+    swap_order(m, 'resnet')
+    assert torch.allclose(m(x), y, atol=1e-5)
+
+
+def test_pool_following_a_block_moves_in():
+    m = nn.Sequential(ConvLayer(3, 8), nn.MaxPool2d(2), nn.Dropout(0.1), ConvLayer(8, 8), nn.MaxPool2d(2))
+    pool = m[1]
+    r = swap_order(m, 'conv-bn-pool-act')
+    assert m[0].pool is pool and isinstance(m[1], nn.Identity) and isinstance(m[2], nn.Dropout)
+    assert r.rows[0]['reason'] == 'took the MaxPool2d that followed it'
+    assert orders(m) == ['conv-bn-pool-act'] * 2
+    assert m(torch.randn(2, 3, 16, 16)).shape == (2, 8, 4, 4)
+    m2 = nn.Sequential(ConvLayer(3, 8), nn.MaxPool2d(2))
+    swap_order(m2, 'conv-bn-pool-act', absorb=False)
+    assert isinstance(m2[1], nn.MaxPool2d) and orders(m2) == ['conv-bn-act']
+
+
+def test_breaking_orders_are_refused_before_anything_changes():
+    m = ordered_xresnet('xresnet18', 'resnet', n_out=4)
+    snapshot = [str(b) for b in m.modules()]
+    with pytest.raises(ValueError, match=r"Cannot put '0'.*norm has 32 channels but would see 3 before the conv.*Nothing was changed"):
+        swap_order(m, 'preact')
+    assert [str(b) for b in m.modules()] == snapshot
+    # moving a pool across a strided conv changes the output size
+    s = nn.Sequential(OrderedConvLayer(3, 8, stride=2, order='resnet_pool_drop', pool='max', p=0.1))
+    with pytest.raises(ValueError, match='changes the output size'): swap_order(s, 'pool-conv-bn-act-drop')
+    assert s[0].order == 'resnet_pool_drop'
+    # with a stride-1 'same' conv it is allowed
+    s = nn.Sequential(OrderedConvLayer(3, 8, order='resnet_pool_drop', pool='max', p=0.1))
+    swap_order(s, 'pool-conv-bn-act-drop')
+    assert s[0].order == 'pool-conv-bn-act-drop' and s(torch.randn(1, 3, 8, 8)).shape == (1, 8, 4, 4)
+
+
+def test_bad_order_is_a_clear_error():
+    with pytest.raises(ValueError, match="did you mean 'bn_after'"): swap_order(fxr.xresnet18(), 'bn_afer')
+
+
+def test_learner_swap_keeps_optimizer_state(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 4, (32,))
+    dls = DataLoaders.from_dsets(list(zip(x, y)), list(zip(x[:8], y[:8])), bs=8)
+    learn = Learner(dls, ordered_cnn(n_out=4, widths=(8, 16)), CrossEntropyLossFlat(), path=tmp_path)
+    learn.fit(1, 1e-2)
+    state = {id(p): {k: v.clone() for k, v in learn.opt.state[p].items() if hasattr(v, 'clone')} for p in learn.model.parameters()}
+    report = learn.swap_order('bn_after')
+    assert len(report.paths()) == 2
+    assert all({k: v for k, v in learn.opt.state[p].items() if hasattr(v, 'clone')}.keys() == state[id(p)].keys()
+               and all(torch.equal(learn.opt.state[p][k], v) for k, v in state[id(p)].items())
+               for p in learn.model.parameters())
+    learn.fit(1, 1e-2)
+    assert learn.model[0].order == 'conv-act-bn-pool'
