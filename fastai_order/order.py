@@ -84,7 +84,9 @@ class LayerOrder:
             except (TypeError, ValueError): return NotImplemented
         return self.ops == other.ops
 
-    def index(self, op): return self.ops.index(ALIASES.get(op, op))
+    def index(self, op):
+        "Position of `op` (an op or alias) in this order"
+        return self.ops.index(ALIASES.get(op, op))
 
     @property
     def name(self):

@@ -49,7 +49,9 @@ class SwapReport:
     def __init__(self, order, rows): store_attr()
     @property
     def df(self): return pd.DataFrame(self.rows, columns=self.cols)
-    def paths(self, status='rewritten'): return [r['path'] for r in self.rows if r['status'] == status]
+    def paths(self, status='rewritten'):
+        "Paths of the blocks with `status`: 'rewritten', 'unchanged' or 'skipped'"
+        return [r['path'] for r in self.rows if r['status'] == status]
     @property
     def title(self):
         if not any(r['status'] != 'skipped' for r in self.rows):

@@ -13,7 +13,7 @@ from fastai_order.layers import OrderedConvLayer, ordered_xresnet, ordered_cnn, 
 from fastai_order.swap import swap_order, SwapReport
 
 
-def tensors(m): return [*m.parameters(), *m.buffers()]
+def tensors(m): return {id(t) for t in [*m.parameters(), *m.buffers()]}
 
 def orders(m): return [str(LayerOrder([r for r in block_roles(b) if r != 'xtra']))
                        for b in m.modules() if isinstance(b, (ConvLayer, Conv2dNormActivation))]
@@ -26,7 +26,7 @@ def test_swap_keeps_tensors_keys_dtype_and_mode(make, order):
     m = make().double().eval()
     before, keys = tensors(m), list(m.state_dict())
     report = swap_order(m, order)
-    assert all(a is b for a, b in zip(before, tensors(m))) and len(before) == len(tensors(m))
+    assert tensors(m) == before
     assert list(m.state_dict()) == keys
     assert not any(x.training for x in m.modules()) and all(p.dtype == torch.float64 for p in m.parameters())
     assert m(torch.randn(2, 3, 32, 32, dtype=torch.float64)).shape == (2, 4)
@@ -127,3 +127,29 @@ def test_learner_swap_keeps_optimizer_state(tmp_path):
                for p in learn.model.parameters())
     learn.fit(1, 1e-2)
     assert learn.model[0].order == 'conv-act-bn-pool'
+
+
+from hypothesis import given, settings, strategies as st
+from fastai_order.order import OPS
+
+any_order = st.lists(st.sampled_from(OPS[1:]), unique=True).flatmap(
+    lambda rest: st.permutations(['conv', *rest])).map(LayerOrder)
+
+
+@settings(max_examples=40, deadline=None)
+@given(any_order, st.sampled_from([4, 6]))
+def test_any_swap_keeps_tensors_and_swapping_back_restores_the_function(order, nf):
+    torch.manual_seed(0)
+    m = nn.Sequential(OrderedConvLayer(4, nf, order='resnet_pool_drop', pool='max', p=0.1), nn.Flatten()).eval()
+    x = torch.randn(2, 4, 8, 8)
+    y, before = m(x), tensors(m)
+    new = order.fit(['conv', 'bn', 'act', 'pool', 'drop'])
+    if nf != 4 and new.index('bn') < new.index('conv'):   # the norm would see 4 channels, it has nf
+        with pytest.raises(ValueError, match='Nothing was changed'): swap_order(m, order)
+        assert m[0].order == 'resnet_pool_drop'
+        return
+    swap_order(m, order)
+    assert m[0].order == new and tensors(m) == before
+    assert m(x).shape == y.shape
+    swap_order(m, 'resnet_pool_drop')
+    assert torch.equal(m(x), y)
