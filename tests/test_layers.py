@@ -50,7 +50,7 @@ def test_accepts_every_convlayer_argument():
                          groups=2, dilation=2, padding_mode='zeros')
     assert [type(m) for m in l] == [nn.ConvTranspose1d, nn.GELU, nn.InstanceNorm1d, nn.Identity]
     assert list(l._modules) == ['conv', 'act', 'bn', 'xtra'] and l.order == 'conv-act-bn'
-    assert l.conv.bias is not None and float(l.conv.bias.abs().sum()) == 0 and l.conv.groups == 2
+    assert l.conv.bias is not None and float(l.conv.bias.detach().abs().sum()) == 0 and l.conv.groups == 2
 
 
 def test_drop_in_for_every_fastai_call(monkeypatch):
