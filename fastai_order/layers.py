@@ -11,7 +11,7 @@ import difflib
 from torch import nn
 from fastcore.meta import delegates
 import fastai.layers as fl
-from fastai.layers import ConvLayer, NormType, MaxPool, AvgPool, AdaptiveAvgPool, Flatten, defaults
+from fastai.layers import ConvLayer, MaxPool, AvgPool, AdaptiveAvgPool, Flatten
 from fastai.vision.models import xresnet as fxr
 from .order import LayerOrder
 
@@ -179,10 +179,7 @@ def ordered_xresnet(arch='xresnet18', order='resnet', **kwargs):
 @delegates(OrderedConvLayer, but=['ni', 'nf', 'order', 'pool', 'p'])
 def ordered_cnn(c_in=3, n_out=10, widths=(32, 64, 128), order='resnet', ks=3, ndim=2, pool='max', p=0., **kwargs):
     "A plain conv stack, one `OrderedConvLayer` per width with pooling and dropout placed by `order`, then a linear head"
-    ops = ['conv', 'bn', 'act'] + ['pool'] * (pool is not None) + ['drop'] * (p > 0)
-    if kwargs.get('norm_type', NormType.Batch) is None: ops.remove('bn')
-    if 'act_cls' in kwargs and kwargs['act_cls'] is None: ops.remove('act')
-    order = LayerOrder(order).fit(ops)
+    order = LayerOrder(order).fit(['conv', 'bn', 'act'] + ['pool'] * (pool is not None) + ['drop'] * (p > 0))
     ws = (c_in, *widths)
     convs = [OrderedConvLayer(ni, nf, ks, order=order, pool=pool, p=p, ndim=ndim, **kwargs) for ni,nf in zip(ws, ws[1:])]
     return nn.Sequential(*convs, AdaptiveAvgPool(1, ndim=ndim), Flatten(), nn.Linear(ws[-1], n_out))

@@ -72,6 +72,12 @@ def _next_sibling(parents, path):
     i = keys.index(key)
     return (parent, keys[i+1], parent._modules[keys[i+1]]) if i+1 < len(keys) else None
 
+def _absorbable(parents, path, order, roles):
+    "The pooling or dropout module right after block `path` that `order` places and the block lacks: {role: (parent, key, module)}"
+    sib = _next_sibling(parents, path)
+    role = sib and module_role(sib[2])
+    return {role: sib} if role in ('pool', 'drop') and role in order and role not in roles else {}
+
 def _plan(model, order, absorb):
     "One entry per conv block or loose conv: (row, block, roles, new order, absorbed modules)"
     parents = dict(model.named_modules())
@@ -83,10 +89,7 @@ def _plan(model, order, absorb):
             blocks.append(path)
             try: roles = block_roles(m)
             except ValueError as e: plans.append((dict(row, reason=str(e)), None, None, None, {})); continue
-            absorbed = {}
-            sib = _next_sibling(parents, path) if absorb else None
-            if sib and module_role(sib[2]) in ('pool', 'drop') and module_role(sib[2]) in order and module_role(sib[2]) not in roles:
-                absorbed[module_role(sib[2])] = sib
+            absorbed = _absorbable(parents, path, order, roles) if absorb else {}
             mods = {r: m._modules[k] for r,k in roles.items() if r != 'xtra'}
             mods.update({r: s[2] for r,s in absorbed.items()})
             old, new = LayerOrder([r for r in roles if r != 'xtra']), order.fit(mods)
