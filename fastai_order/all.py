@@ -2,4 +2,7 @@
 from .order import *
 from .layers import *
 from .swap import *
+from .timing import *
+from .layer_timer import *
+from .wandb import *
 from .bench import *

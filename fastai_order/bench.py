@@ -1,4 +1,4 @@
-"""The commands that measure what the package claims: `fastai-order-bench` times train steps of models side by side; `fastai-order-demo` shows the package at work in a few seconds.
+"""The commands that measure what the package claims: `fastai-order-bench` times train steps of models side by side; `fastai-order-timing` measures the timers' overhead and phase shares; `fastai-order-demo` shows the package at work in a few seconds.
 
 Docs: https://fastai-order.github.io/fastai_order/bench.html.md"""
 
@@ -13,12 +13,26 @@ import torch.nn.functional as F
 from fastcore.script import call_parse
 from fastprogress.fastprogress import progress_bar
 from fastai.vision.models import xresnet as fxr
+from fastai.data.core import Datasets
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+import fastai.callback.progress  # Learner.no_bar
+from fastai.data.transforms import ItemGetter, IndexSplitter
 from .order import LayerOrder, list_presets
 from .layers import ordered_xresnet, ordered_cnn, _check_arch
 from .swap import swap_order
 
 # %% auto #0
-__all__ = ['time_train_steps', 'compare_train_steps', 'bench', 'demo']
+__all__ = ['synthetic_dls', 'time_train_steps', 'compare_train_steps', 'bench', 'timer_overhead', 'phase_shares', 'timing_bench',
+           'demo']
+
+# %% ../nbs/08_bench.ipynb #50c7d5ff
+def synthetic_dls(n=96, bs=16, c_in=3, size=16, n_out=4, seed=0):
+    "Random `c_in`×`size`×`size` images with `n_out` random labels as fastai `DataLoaders` (valid: the first quarter)"
+    g = torch.Generator().manual_seed(seed)
+    x,y = torch.randn(n, c_in, size, size, generator=g), torch.randint(0, n_out, (n,), generator=g)
+    return Datasets(list(zip(x, y)), tfms=[[ItemGetter(0)], [ItemGetter(1)]],
+                    splits=IndexSplitter(range(n//4))(range(n))).dataloaders(bs=bs)
 
 # %% ../nbs/08_bench.ipynb #eb3a1ec7
 def _train_step(model, opt, x, y):
@@ -70,6 +84,65 @@ def bench(
     print(f"{arch}, batch {bs}, {size}px, {steps} steps x {repeats} paired repeats, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(df.to_string(index=False, float_format='%.3f'))
     return df
+
+# %% ../nbs/08_bench.ipynb #1c544514
+def _timed_fit(learn, cbs):
+    start = time.perf_counter_ns()
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cbs)
+    return (time.perf_counter_ns() - start) / 1e9
+
+def _learner(model, dls): return Learner(dls, model, loss_func=CrossEntropyLossFlat())
+
+def timer_overhead(model, bs=32, size=64, batches=12, repeats=5, n_out=10):
+    "Paired one-epoch fits of `model` untimed, with `BatchTimer` and with `LayerTimer`: median ratio and µs per batch"
+    from fastai_order.timing import BatchTimer
+    from fastai_order.layer_timer import LayerTimer
+    learn = _learner(model, synthetic_dls(n=bs*batches*4//3, bs=bs, size=size, n_out=n_out))
+    n = len(learn.dls.train) + len(learn.dls.valid)
+    cfgs = {'none': lambda: None, 'BatchTimer': lambda: BatchTimer(wandb_every=None), 'LayerTimer': lambda: LayerTimer(warmup=0)}
+    _timed_fit(learn, None)  # warm-up
+    times = {k: [] for k in cfgs}
+    for r in progress_bar(range(repeats), leave=False):
+        for k in (list(cfgs) if r % 2 == 0 else list(cfgs)[::-1]): times[k].append(_timed_fit(learn, cfgs[k]()))
+    return pd.DataFrame([dict(timer=k, ms_per_batch=1e3*statistics.median(t)/n,
+                              ratio=statistics.median(a/b for a,b in zip(t, times['none'])),
+                              us_per_batch=1e6*statistics.median(a-b for a,b in zip(t, times['none']))/n) for k,t in times.items()])
+
+def phase_shares(orders, widths=(32, 64), bs=32, size=64, batches=24):
+    "`BatchTimer`'s train summary (mean ms and % per phase) of `ordered_cnn(widths, order)` for each of `orders`"
+    from fastai_order.timing import BatchTimer
+    rows = []
+    for o in orders:
+        torch.manual_seed(0)
+        t = BatchTimer(wandb_every=None)
+        learn = _learner(ordered_cnn(3, 10, widths, order=o), synthetic_dls(n=bs*batches*4//3, bs=bs, size=size, n_out=10))
+        _timed_fit(learn, t)
+        s = t.summary().loc['train']
+        rows.append({'order': str(LayerOrder(o)), **{f'{p} %': s.pct[p] for p in s.index if p != 'total'},
+                     'ms/batch': s.mean_ms['total'], 'samples/s': s.samples_per_s['total']})
+    return pd.DataFrame(rows)
+
+# %% ../nbs/08_bench.ipynb #0a9d35c0
+@call_parse
+def timing_bench(
+    arch:str='xresnet18', # fastai XResNet whose fit is timed for the overhead
+    bs:int=32, # batch size
+    size:int=64, # image size in pixels
+    batches:int=12, # train batches per fit
+    repeats:int=5, # paired repeats (medians are reported)
+    orders:str='resnet,bn_after,pool_before_act', # orders whose phase shares are shown, on a small CNN
+    threads:int=None, # torch CPU threads (default: torch's)
+):
+    "Overhead of `BatchTimer` and `LayerTimer` on `arch` and on a tiny CNN, and phase shares of `orders` on a small CNN"
+    _check_arch(arch)
+    if threads: torch.set_num_threads(threads)
+    print(f"batch {bs}, {size}px, {batches} train batches per fit, {repeats} paired repeats, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    for name,model,b,sz,nb in [(arch, getattr(fxr, arch)(n_out=10), bs, size, batches),
+                               ('tiny CNN (8 channels, 8px, batch 8)', ordered_cnn(3, 10, (8,)), 8, 8, 100)]:
+        print(f"\nTimer overhead on {name}:")
+        print(timer_overhead(model, bs=b, size=sz, batches=nb, repeats=repeats).to_string(index=False, float_format='%.3f'))
+    print(f"\nBatchTimer phase shares (train, after warm-up), ordered_cnn widths (32, 64), batch {bs}, {size}px:")
+    print(phase_shares(orders.split(','), bs=bs, size=size).to_string(index=False, float_format='%.1f'))
 
 # %% ../nbs/08_bench.ipynb #48e45bba
 @call_parse

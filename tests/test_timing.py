@@ -1,0 +1,246 @@
+"BatchTimer and LayerTimer: phases that add up, no device waits, and a Learner that stays sound whatever happens."
+import time
+import numpy as np, pytest, torch
+from torch import nn
+from fastai.learner import Learner, load_learner
+from fastai.callback.core import Callback, CancelBatchException, CancelStepException
+from fastai.callback.training import GradientAccumulation
+import fastai.callback.schedule  # Learner.lr_find
+from fastai.losses import CrossEntropyLossFlat
+from fastai.metrics import accuracy
+from fastai.vision.models.xresnet import xresnet18
+from fastai_order.bench import synthetic_dls
+from fastai_order.layers import ordered_cnn
+from fastai_order.timing import BatchTimer, CudaEvents, PHASES, _Stats, phase_times
+from fastai_order.layer_timer import LayerTimer, ROLES
+
+PH = [f'{p}_ms' for p in PHASES]
+
+
+def learner(*cbs, order='resnet', n=96, **kw):
+    return Learner(synthetic_dls(n=n, **kw), ordered_cnn(3, 4, [8, 16], order=order), loss_func=CrossEntropyLossFlat(),
+                   metrics=accuracy, cbs=list(cbs))
+
+
+def fit(learn, n=1, **kw):
+    with learn.no_bar(), learn.no_logging(): learn.fit(n, **kw)
+
+
+def exact_sums(timer, prefix=''):
+    "Phases add up to the total to the nanosecond"
+    a = timer.rows.array()
+    cols = slice(6, 13) if not prefix else slice(13, 20)
+    assert np.array_equal(a[:, cols][:, :6].sum(1), a[:, cols][:, 6])
+
+
+def test_rows_and_exact_sums():
+    t = BatchTimer()
+    learn = learner(t)
+    fit(learn, 2)
+    d = t.df
+    assert list(d.split.value_counts()[['train', 'valid']]) == [2*len(learn.dls.train), 2*len(learn.dls.valid)]
+    exact_sums(t)
+    assert (d[PH] >= 0).all().all() and (d.forward_ms > 0).all() and (d.backward_ms[d.split == 'train'] > 0).all()
+    assert (d.backward_ms[d.split == 'valid'] == 0).all() and set(d.outcome[d.split == 'valid']) == {'eval'}
+    assert list(d.epoch.unique()) == [0, 1] and (d.bs[d.split == 'train'] == 16).all()
+    s = t.summary()
+    assert s.loc[('train', 'total'), 'n'] == 2*(len(learn.dls.train) - 2)  # 2 warm-up batches per epoch left out
+    assert s.loc['train', 'pct'].drop('total').sum() == pytest.approx(100)
+    assert t.summary(warmup=0).loc[('train', 'total'), 'n'] == 2*len(learn.dls.train)
+
+
+def test_phase_attribution():
+    "A callback's time goes to `other`; a slow loss goes to `loss`"
+    class SlowCallback(Callback):
+        def after_pred(self): time.sleep(0.02)
+    def slow_loss(pred, y):
+        time.sleep(0.03); return nn.functional.cross_entropy(pred, y)
+    t = BatchTimer(warmup=0)
+    learn = learner(t, SlowCallback())
+    learn.loss_func = slow_loss
+    fit(learn)
+    d = t.df
+    assert (d.other_ms >= 20).all() and (d.loss_ms >= 30).all()
+
+
+def test_cancel_batch_and_step():
+    class Cancel(Callback):
+        def before_batch(self):
+            if self.training and self.iter == 1: raise CancelBatchException()
+        def before_step(self):
+            if self.iter == 2: raise CancelStepException()
+    t = BatchTimer()
+    learn = learner(t, Cancel())
+    fit(learn)
+    d = t.df[t.df.split == 'train']
+    assert list(d.outcome[:4]) == ['step', 'cancel', 'skip_step', 'step']
+    assert d.backward_ms.iloc[1] == 0 and d.step_ms.iloc[1] == 0
+    exact_sums(t)
+
+
+def test_gradient_accumulation_and_fp16():
+    t = BatchTimer()
+    learn = learner(t, GradientAccumulation(32)).to_fp16()
+    with pytest.warns(UserWarning): fit(learn)  # GradScaler warns that CUDA is missing; it still runs
+    d = t.df[t.df.split == 'train']
+    assert list(d.outcome) == ['accumulate', 'step'] * 2
+    assert (d.step_ms[d.outcome == 'accumulate'] == 0).all()
+    exact_sums(t)
+
+
+def test_validate_get_preds_lr_find():
+    t = BatchTimer()
+    learn = learner(t)
+    learn.lr_find(num_it=5, show_plot=False)
+    assert t.rows.n == 0
+    learn.validate(); learn.get_preds()
+    assert list(t.df.split.unique()) == ['validate', 'get_preds'] and list(t.df.run.unique()) == [1, 2]
+    assert not any(type(c).__name__ == '_BatchTimerHead' for c in learn.cbs)
+
+
+def test_interrupted_fit_keeps_rows_and_recovers():
+    class Interrupt(Callback):
+        def after_pred(self):
+            if self.training and self.iter == 3: raise KeyboardInterrupt()
+    t = BatchTimer()
+    learn = learner(t, Interrupt())
+    with pytest.raises(KeyboardInterrupt): fit(learn)
+    assert t.rows.n == 3 and list(t.df.iter) == [0, 1, 2]
+    learn.remove_cb(learn.interrupt)
+    fit(learn)
+    assert t.rows.n == 3 + len(learn.dls.train) + len(learn.dls.valid)
+    exact_sums(t)
+    assert sum(type(c).__name__ == '_BatchTimerHead' for c in learn.cbs) == 0
+
+
+def test_added_twice_and_two_timers():
+    t, u = BatchTimer(), BatchTimer()
+    learn = learner(t)
+    learn.add_cb(t); learn.add_cb(u)
+    fit(learn)
+    n = len(learn.dls.train) + len(learn.dls.valid)
+    assert t.rows.n == n and u.rows.n == n
+    exact_sums(t); exact_sums(u)
+
+
+def test_removed_mid_fit():
+    class Remover(Callback):
+        def after_batch(self):
+            if self.iter == 2 and hasattr(self.learn, 'batch_timer'): self.learn.remove_cb(self.learn.batch_timer)
+    t = BatchTimer()
+    learn = learner(t, Remover())
+    fit(learn, 2)
+    assert t.rows.n == 2  # batch 2 was not finished when the timer left
+    assert not any(isinstance(c, BatchTimer) or type(c).__name__ == '_BatchTimerHead' for c in learn.cbs)
+    fit(learn)  # the learner still trains
+
+
+def test_bounded_rows_and_aggregates():
+    t, full = BatchTimer(max_rows=5), BatchTimer()
+    learn = learner(t, n=200)
+    fit(learn, 2)
+    n = 2*(len(learn.dls.train) + len(learn.dls.valid))
+    assert t.rows.n == n and len(t.df) == 5 and t.rows.dropped == n - 5
+    assert list(t.df.split) == ['train'] + ['valid'] * 4  # the newest rows
+    s = t.summary()
+    assert s.loc[('train', 'total'), 'n'] == 2*(len(learn.dls.train) - 2)
+    with pytest.raises(ValueError, match='warmup=0'): t.summary(warmup=0)
+
+
+def test_streaming_stats():
+    rng = np.random.default_rng(0)
+    x = rng.lognormal(15, 1, size=(5000, 7))
+    st = _Stats()
+    for r in x: st.add(r, 16)
+    assert np.allclose(np.array(st.s) / st.n, x.mean(0)) and st.bs == 16*5000
+    for q in (.5, .9, .99): assert np.allclose(st.quantile(q), np.quantile(x, q, axis=0), rtol=0.025)
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match='-1'): BatchTimer(warmup=-1)
+    with pytest.raises(ValueError, match="'gpu'"): BatchTimer(clock='gpu')
+    with pytest.raises(ValueError, match='0'): BatchTimer(wandb_every=0)
+    t = BatchTimer()
+    with pytest.raises(ValueError, match='no batches'): t.plot()
+    with pytest.raises(ValueError, match='no host times'): t.summary()
+    fit(learner(t))
+    with pytest.raises(ValueError, match="'forwards'"): t.summary(phases=['forwards'])
+    with pytest.raises(ValueError, match="'test'"): t.plot(splits=['test'])
+    with pytest.raises(ValueError, match='device'): t.plot(clock='device')
+    assert len(t.summary(warmup=0, phases=['forward', 'total'])) == 4
+    p = t.to_csv(tmp_path/'t.csv')
+    with pytest.raises(FileExistsError, match='t.csv'): t.to_csv(p)
+    t.to_csv(p, overwrite=True)
+    fig = t.plot()
+    assert len(fig.axes) == 4
+
+
+def test_export_with_timer(tmp_path):
+    t = BatchTimer()
+    learn = learner(t)
+    learn.path = tmp_path
+    fit(learn)
+    learn.export('l.pkl')
+    back = load_learner(tmp_path/'l.pkl')
+    assert back.batch_timer.rows.n == t.rows.n
+
+
+# --- CUDA path, with events that complete late, like a GPU running behind the host
+
+class FakeGPU:
+    "A device that finishes each recorded event `lag` records later; counts waits"
+    def __init__(self, lag): self.lag, self.events, self.waits, self.synced = lag, [], 0, -1
+    def done(self, e): return e.idx + self.lag < len(self.events) or e.idx <= self.synced
+
+
+def fake_events(gpu):
+    class FakeEvent:
+        def record(self):
+            self.idx, self.t = len(gpu.events), time.perf_counter_ns() + 1000  # the device runs 1 µs behind
+            gpu.events.append(self)
+        def query(self): return gpu.done(self)
+        def synchronize(self): gpu.waits += 1; gpu.synced = max(gpu.synced, self.idx)  # and all before it
+        def elapsed_time(self, end):
+            if not (self.query() and end.query()): raise RuntimeError('event not complete')  # as CUDA does
+            return (end.t - self.t) / 1e6
+    return CudaEvents(FakeEvent)
+
+
+def test_cuda_events_no_waits_during_fit():
+    gpu = FakeGPU(lag=40)
+    t = BatchTimer(clock=fake_events(gpu))
+    learn = learner(t)
+    fit(learn, 2)
+    assert gpu.waits == 0 and len(gpu.events) > 0
+    assert len(t._pending) > 0  # the last batches were still "running" when the fit ended
+    d = t.df  # reading the results may wait, once
+    assert gpu.waits == 1 and not t._pending
+    assert d.device_total_ms.notna().all()
+    exact_sums(t, 'device_')
+    s = t.summary(clock='device')
+    assert s.loc[('train', 'total'), 'n'] == 2*(len(learn.dls.train) - 2)
+
+
+def test_layer_timer_roles_and_cleanup():
+    lt = LayerTimer(warmup=1)
+    learn = Learner(synthetic_dls(n=96), xresnet18(n_out=4, c_in=3), loss_func=CrossEntropyLossFlat(), cbs=[lt])
+    fit(learn)
+    s = lt.summary()
+    assert list(s.index) == list(ROLES)
+    assert (s.loc[['conv', 'bn', 'act', 'pool'], 'forward_ms'] > 0).all() and (s.loc[['conv', 'bn', 'act'], 'backward_ms'] > 0).all()
+    assert s.pct.sum() == pytest.approx(100)
+    assert lt.batches == {'train': len(learn.dls.train) - 1, 'valid': len(learn.dls.valid) - 1}
+    assert set(lt.df.path) >= {'0.0', '0.1', '4.0.convpath.0.0'}
+    m = learn.model
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules())
+    with pytest.raises(ValueError, match="'tran'"): lt.summary('tran')
+
+
+def test_layer_timer_cuda_path():
+    gpu = FakeGPU(lag=500)
+    lt = LayerTimer(clock=fake_events(gpu), warmup=0)
+    learn = learner(lt)
+    fit(learn)
+    assert gpu.waits == 0
+    s = lt.summary()
+    assert gpu.waits >= 1 and not lt._pending and (s.loc[['conv', 'bn', 'act', 'pool'], 'forward_ms'] > 0).all()

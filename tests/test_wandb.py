@@ -1,0 +1,90 @@
+"BatchTimer on W&B, through the real wandb client in offline mode, with and without fastai's WandbCallback."
+from pathlib import Path
+import pytest, wandb
+import fastai.callback.wandb as fastai_wandb
+from fastai.callback.wandb import WandbCallback
+from fastai_order import wandb as fo_wandb
+from fastai_order.timing import BatchTimer, PHASES
+from wandb_history import history, config
+from test_timing import learner
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.setenv('WANDB_MODE', 'offline'); monkeypatch.setenv('WANDB_SILENT', 'true')
+    r = wandb.init(project='fastai-order-tests', dir=tmp_path)
+    yield r
+    if wandb.run is not None: wandb.finish()
+
+
+def fit(learn, n, cbs=None):
+    with learn.no_bar(), learn.no_logging(): learn.fit(n, cbs=cbs)
+
+
+def test_with_wandb_callback(run):
+    learn = learner(BatchTimer(wandb_every=0.001), n=160)
+    fit(learn, 2, cbs=WandbCallback(log_preds=False))
+    fit(learn, 1, cbs=WandbCallback(log_preds=False))
+    run_dir = Path(run.dir).parent
+    run.finish()
+    h = history(run_dir)
+    steps = [r['_step'] for r in h]
+    assert steps == list(range(len(steps)))  # one row per step, none dropped or out of order
+    assert len(steps) >= 3 * len(learn.dls.train)
+    # WandbCallback's own metrics, for every epoch of both fits
+    ends = [r for r in h if 'valid_loss' in r]
+    assert [r['epoch'] for r in ends] == [1, 2, 3] and all('accuracy' in r for r in ends)
+    assert sum('train_loss' in r for r in h) == 3 * len(learn.dls.train)
+    # and the timing keys, in the same rows
+    for split in ('train', 'valid'):
+        assert any(f'timing/{split}/total_ms' in r for r in h)
+        assert all(f'timing/{split}/{p}_ms' in r for r in h if f'timing/{split}/total_ms' in r for p in PHASES)
+    assert any('timing/train/total_ms' in r and 'train_loss' in r for r in h)
+    assert sum('timing/summary.nrows' in r for r in h) == 2  # one table per fit
+    # the fixed config logging recorded the Learner's arguments
+    c = config(run_dir)
+    assert c['batch size'] == 16 and c['Learner']['_name'].startswith('<fastai.learner.Learner')
+    assert c['BatchTimer'] == {'warmup': 2, 'max_rows': 100_000, 'clock': 'auto', 'wandb_every': 0.001}
+
+
+def test_own_step_axis(run):
+    learn = learner(BatchTimer(wandb_every=0.001))
+    fit(learn, 2)
+    summary = dict(run.summary)
+    run_dir = Path(run.dir).parent
+    run.finish()
+    h = history(run_dir)
+    timed = [r for r in h if 'timing/train/total_ms' in r]
+    assert timed and all('timing/batch' in r for r in timed)
+    assert [r['timing/batch'] for r in timed] == sorted(r['timing/batch'] for r in timed)
+    assert summary['timing/train/samples_per_s'] > 0 and 'timing/train/forward_pct' in summary
+
+
+def test_window_aggregates(run):
+    "Window means, not a point per batch: a long window logs once per epoch"
+    learn = learner(BatchTimer(wandb_every=3600), n=320)
+    fit(learn, 2)
+    run_dir = Path(run.dir).parent
+    run.finish()
+    timed = [r for r in history(run_dir) if 'timing/train/total_ms' in r]
+    assert len(timed) == 2
+
+
+def test_no_run_logs_nothing(monkeypatch):
+    assert wandb.run is None
+    t = BatchTimer()
+    learn = learner(t)
+    fit(learn, 1)
+    assert t.rows.n > 0 and t._log is None
+
+
+def test_fix_only_when_needed(monkeypatch):
+    assert not fo_wandb.wandb_config_bug()  # importing the package fixed fastai 2.8.12
+    assert fastai_wandb._format_config({'a': True, 'n': 8, 'd': 'cuda'}) == {'a': True, 'n': 8, 'd': 'cuda'}
+    working = lambda v: v
+    monkeypatch.setattr(fastai_wandb, '_format_config_value', working)
+    assert fo_wandb.fix_wandb_callback() is False and fastai_wandb._format_config_value is working
+    def broken(v): return vars(v)  # what fastai 2.8.12 does with a plain value
+    monkeypatch.setattr(fastai_wandb, '_format_config_value', broken)
+    assert fo_wandb.wandb_config_bug() and fo_wandb.fix_wandb_callback() is True
+    assert fastai_wandb._format_config_value is fo_wandb._config_value

@@ -1,0 +1,40 @@
+"Read the history of an offline W&B run back from its `.wandb` file (a LevelDB-style log of protobuf records)."
+import json, struct
+from pathlib import Path
+from wandb.proto import wandb_internal_pb2 as pb
+
+BLOCK, HEADER = 32768, 7
+
+
+def records(path):
+    data = Path(path).read_bytes()
+    assert data[:4] == b':W&B', f'{path} is not a W&B run file'
+    pos, buf = HEADER, b''
+    while pos + HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < HEADER: pos += left; continue  # block trailer padding
+        _, n, kind = struct.unpack('<IHB', data[pos:pos+HEADER])
+        if kind == 0: pos += left; continue  # zero-filled rest of a block
+        buf += data[pos+HEADER:pos+HEADER+n]; pos += HEADER + n
+        if kind in (1, 4):  # a full record, or the last piece of one
+            r = pb.Record(); r.ParseFromString(buf); buf = b''
+            yield r
+
+
+def history(run_dir):
+    "Every history row of the offline run in `run_dir` (the folder holding `run-<id>.wandb`), as dicts"
+    path, = Path(run_dir).glob('run-*.wandb')
+    return [{'.'.join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+            for r in records(path) if r.WhichOneof('record_type') == 'history']
+
+
+def config(run_dir):
+    "The config of the offline run in `run_dir`, as a dict of its keys and JSON values"
+    path, = Path(run_dir).glob('run-*.wandb')
+    out = {}
+    for r in records(path):
+        if r.WhichOneof('record_type') == 'config':
+            out.update({'.'.join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.config.update})
+        elif r.WhichOneof('record_type') == 'run':
+            out.update({'.'.join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.run.config.update})
+    return out
