@@ -7,11 +7,11 @@ Docs: https://fastai-order.github.io/fastai_order/layer_timer.html.md"""
 # %% ../nbs/03a_layer_timer.ipynb #7b0ce205
 from __future__ import annotations
 import time
-import numpy as np, pandas as pd, torch
+import pandas as pd, torch
 from fastcore.basics import patch
 from fastai.callback.core import Callback
 from .layers import module_role
-from .timing import CudaEvents, _check_in, _check_int, _model_on_cuda
+from .timing import CudaEvents, _PrivateState, _check_in, _check_int, _model_on_cuda
 
 # %% auto #0
 __all__ = ['ROLES', 'LayerTimer']
@@ -24,7 +24,7 @@ def _grad_node(out):
     if isinstance(out, (tuple, list)): out = next((o for o in out if isinstance(o, torch.Tensor)), None)
     return getattr(out, 'grad_fn', None)
 
-class LayerTimer(Callback):
+class LayerTimer(_PrivateState, Callback):
     "Attribute forward and backward time to each leaf module of the model, by role and by path"
     order = 999
     _stateattrs = ('_handles', '_device', '_pending', '_on', '_t')
@@ -37,11 +37,6 @@ class LayerTimer(Callback):
             raise ValueError(f"`clock` must be 'auto', 'host' or a `CudaEvents`, got {clock!r}")
         self.clock,self.paths,self.ns,self.batches = clock,[],{},{}
         self._init_state()
-
-    def __setattr__(self, k, v):
-        "Private state is set directly: the hot path skips `Callback`'s check for shadowed Learner attributes"
-        if k.startswith('_'): object.__setattr__(self, k, v)
-        else: super().__setattr__(k, v)
 
     def _init_state(self): self._handles,self._device,self._pending,self._on,self._t = [],None,[],False,{}
 
@@ -74,9 +69,9 @@ def before_fit(self:LayerTimer):
     model = self.learn.model
     if isinstance(self.clock, CudaEvents): self._device = self.clock
     elif self.clock == 'auto' and _model_on_cuda(model): self._device = CudaEvents()
-    self.paths = [(n, module_role(m) or 'other', type(m).__name__) for n,m in model.named_modules() if not any(m.children())]
-    leaves = [m for _,m in model.named_modules() if not any(m.children())]
-    for i,m in enumerate(leaves): self._hook(i, m)
+    leaves = [(n,m) for n,m in model.named_modules() if not any(m.children())]
+    self.paths = [(n, module_role(m) or 'other', type(m).__name__) for n,m in leaves]
+    for i,(_,m) in enumerate(leaves): self._hook(i, m)
     def whole(mod, inp):
         if self._on: self._t['model'] = self._now()
     def whole_done(mod, inp, out):

@@ -56,6 +56,7 @@ SPLITS = ('train', 'valid', 'validate', 'get_preds')
 OUTCOMES = ('step', 'accumulate', 'skip_step', 'no_step', 'cancel', 'eval')
 _TIMES = [f'{p}_ms' for p in PHASES] + ['total_ms']
 _COLS = ['run', 'epoch', 'iter', 'bs', 'split', 'outcome'] + _TIMES + [f'device_{c}' for c in _TIMES]
+_HOST,_DEVICE = slice(6, 13),slice(13, 20)  # the columns of host and device times
 _BINS = 100  # histogram bins per decade of nanoseconds
 
 class _Stats:
@@ -107,7 +108,13 @@ class _BatchTimerHead(Callback):
         else: self.timer._mark(event_name, False)
 
 # %% ../nbs/03_timing.ipynb #c8d96bfc
-class BatchTimer(Callback):
+class _PrivateState:
+    "Mixin for callbacks: private attributes are set directly, so hot paths skip `Callback`'s check for shadowed Learner attributes"
+    def __setattr__(self, k, v):
+        if k.startswith('_'): object.__setattr__(self, k, v)
+        else: super().__setattr__(k, v)
+
+class BatchTimer(_PrivateState, Callback):
     "Time every batch's phases (`PHASES`) on the host and, for a model on CUDA, on the device"
     order = 1000
     _stateattrs = ('_head', '_log', '_pending', '_keys', '_ts', '_evs', '_start', '_device')
@@ -124,11 +131,6 @@ class BatchTimer(Callback):
         self.clock,self.wandb_every = clock,wandb_every
         self.rows,self.stats,self.n_runs = _Rows(self.max_rows),{},0
         self._init_state()
-
-    def __setattr__(self, k, v):
-        "Private state is set directly: the hot path skips `Callback`'s check for shadowed Learner attributes"
-        if k.startswith('_'): object.__setattr__(self, k, v)
-        else: super().__setattr__(k, v)
 
     def _init_state(self):
         self._head,self._log,self._pending,self._device = _BatchTimerHead(self),None,[],None
@@ -241,7 +243,7 @@ def _resolve(self:BatchTimer, wait=False):
         if offs is None: return
         self._pending.pop(0)
         dev = _ns_list(phase_times(keys, offs))
-        self.rows.set(i, slice(13, 20), dev)
+        self.rows.set(i, _DEVICE, dev)
         if it >= self.warmup: _stats(self.stats, ('device', split)).add(dev, bs)
         if self._log and split in ('train', 'valid'): self._log.add(split, dev, bs, prefix='device_')
 
@@ -283,7 +285,7 @@ def summary(self:BatchTimer,
     parts = []
     if not self.rows.dropped:
         a = self.rows.array()
-        cols = slice(6, 13) if clock == 'host' else slice(13, 20)
+        cols = _HOST if clock == 'host' else _DEVICE
         for code,split in enumerate(SPLITS):
             r = a[(a[:, 4] == code) & (a[:, 2] >= warmup) & ~np.isnan(a[:, cols][:, -1])]
             if len(r): parts.append(_summary_rows(split, len(r), r[:, cols].sum(0), (r[:, cols]**2).sum(0),

@@ -11,6 +11,7 @@ from fastcore.basics import init_args
 from fastcore.foundation import L
 from fastai.learner import Learner
 from fastai.callback.core import Callback
+from .timing import PHASES
 try:
     import wandb
     import fastai.callback.wandb as fastai_wandb
@@ -55,7 +56,6 @@ class TimingLog:
 
     def add(self, split, ns, bs, prefix=''):
         "Add one batch's times in nanoseconds (`PHASES` then total) to the window"
-        from fastai_order.timing import PHASES
         for k,v in zip([*PHASES, 'total'], ns):
             s = self.sums.setdefault(f'timing/{split}/{prefix}{k}_ms', [0., 0])
             s[0] += v/1e6; s[1] += 1
