@@ -66,8 +66,9 @@ def test_window_aggregates(run):
     fit(learn, 2)
     run_dir = Path(run.dir).parent
     run.finish()
-    timed = [r for r in history(run_dir) if 'timing/train/total_ms' in r]
-    assert len(timed) == 2
+    h = history(run_dir)
+    timed = [r for r in h if 'timing/train/total_ms' in r]
+    assert len(timed) == 2, [sorted(r) for r in h]
 
 
 def test_no_run_logs_nothing(monkeypatch):

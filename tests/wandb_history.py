@@ -1,5 +1,5 @@
 "Read the history of an offline W&B run back from its `.wandb` file (a LevelDB-style log of protobuf records)."
-import json, struct
+import json, struct, time
 from pathlib import Path
 from wandb.proto import wandb_internal_pb2 as pb
 
@@ -15,24 +15,35 @@ def records(path):
         if left < HEADER: pos += left; continue  # block trailer padding
         _, n, kind = struct.unpack('<IHB', data[pos:pos+HEADER])
         if kind == 0: pos += left; continue  # zero-filled rest of a block
+        if pos + HEADER + n > len(data): return  # a record still being written
         buf += data[pos+HEADER:pos+HEADER+n]; pos += HEADER + n
         if kind in (1, 4):  # a full record, or the last piece of one
             r = pb.Record(); r.ParseFromString(buf); buf = b''
             yield r
 
 
-def history(run_dir):
-    "Every history row of the offline run in `run_dir` (the folder holding `run-<id>.wandb`), as dicts"
+def finished_records(run_dir, timeout=60):
+    "The records of the finished offline run in `run_dir` (the folder holding `run-<id>.wandb`), once its `exit` record is written"
     path, = Path(run_dir).glob('run-*.wandb')
+    end = time.monotonic() + timeout
+    while True:  # wandb's service may still be writing the file when `finish()` returns
+        rs = list(records(path))
+        if any(r.WhichOneof('record_type') == 'exit' for r in rs): return rs
+        if time.monotonic() > end:
+            raise TimeoutError(f'{path} has no exit record after {timeout} s: {[r.WhichOneof("record_type") for r in rs]}')
+        time.sleep(0.1)
+
+
+def history(run_dir):
+    "Every history row of the finished offline run in `run_dir`, as dicts"
     return [{'.'.join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
-            for r in records(path) if r.WhichOneof('record_type') == 'history']
+            for r in finished_records(run_dir) if r.WhichOneof('record_type') == 'history']
 
 
 def config(run_dir):
-    "The config of the offline run in `run_dir`, as a dict of its keys and JSON values"
-    path, = Path(run_dir).glob('run-*.wandb')
+    "The config of the finished offline run in `run_dir`, as a dict of its keys and JSON values"
     out = {}
-    for r in records(path):
+    for r in finished_records(run_dir):
         if r.WhichOneof('record_type') == 'config':
             out.update({'.'.join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.config.update})
         elif r.WhichOneof('record_type') == 'run':
