@@ -6,7 +6,8 @@ Docs: https://fastai-order.github.io/fastai_order/bench.html.md"""
 
 # %% ../nbs/08_bench.ipynb #225b1f52
 from __future__ import annotations
-import time, statistics
+import time, statistics, ctypes, ctypes.util
+from contextlib import contextmanager
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -23,16 +24,25 @@ from .layers import ordered_xresnet, ordered_cnn, _check_arch
 from .swap import swap_order
 
 # %% auto #0
-__all__ = ['synthetic_dls', 'time_train_steps', 'compare_train_steps', 'bench', 'timer_overhead', 'phase_shares', 'timing_bench',
-           'demo']
+__all__ = ['synthetic_dls', 'keep_freed_memory', 'time_train_steps', 'compare_train_steps', 'bench', 'timer_overhead',
+           'phase_shares', 'timing_bench', 'demo']
 
 # %% ../nbs/08_bench.ipynb #50c7d5ff
-def synthetic_dls(n=96, bs=16, c_in=3, size=16, n_out=4, seed=0):
-    "Random `c_in`×`size`×`size` images with `n_out` random labels as fastai `DataLoaders` (valid: the first quarter)"
+def synthetic_dls(n=96, bs=16, c_in=3, size=16, n_out=4, seed=0, valid_pct=0.25):
+    "`n` random `c_in`×`size`×`size` images with `n_out` random labels as fastai `DataLoaders` (valid: the first `valid_pct`)"
+    if not 0 <= valid_pct < 1: raise ValueError(f"`valid_pct` must be in [0, 1), got {valid_pct!r}")
     g = torch.Generator().manual_seed(seed)
     x,y = torch.randn(n, c_in, size, size, generator=g), torch.randint(0, n_out, (n,), generator=g)
     return Datasets(list(zip(x, y)), tfms=[[ItemGetter(0)], [ItemGetter(1)]],
-                    splits=IndexSplitter(range(n//4))(range(n))).dataloaders(bs=bs)
+                    splits=IndexSplitter(range(int(n*valid_pct)))(range(n))).dataloaders(bs=bs)
+
+# %% ../nbs/08_bench.ipynb #09c3f107
+def keep_freed_memory() -> bool:
+    "Ask glibc's `malloc` to keep freed memory for reuse instead of returning it to the OS; returns whether it could"
+    try: mallopt = ctypes.CDLL(ctypes.util.find_library('c')).mallopt
+    except (OSError, AttributeError, TypeError): return False  # not glibc
+    M_TRIM_THRESHOLD,M_TOP_PAD,M_MMAP_THRESHOLD = -1,-2,-3
+    return all(mallopt(k, v) == 1 for k,v in ((M_MMAP_THRESHOLD, 32<<20), (M_TRIM_THRESHOLD, 2**31-1), (M_TOP_PAD, 1<<30)))
 
 # %% ../nbs/08_bench.ipynb #eb3a1ec7
 def _train_step(model, opt, x, y):
@@ -77,11 +87,13 @@ def bench(
     _check_arch(arch)
     orders = [LayerOrder(o) for o in orders.split(',')]
     if threads: torch.set_num_threads(threads)
+    kept = keep_freed_memory()
     torch.manual_seed(0); models = {f'fastai {arch}': getattr(fxr, arch)(n_out=10)}
     for o in orders:
         torch.manual_seed(0); models[f'ordered_xresnet {o}'] = ordered_xresnet(arch, o, n_out=10)
     df = compare_train_steps(models, bs=bs, size=size, steps=steps, repeats=repeats)
-    print(f"{arch}, batch {bs}, {size}px, {steps} steps x {repeats} paired repeats, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{arch}, batch {bs}, {size}px, {steps} steps x {repeats} paired repeats, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, malloc keeps freed memory: {kept}")
     print(df.to_string(index=False, float_format='%.3f'))
     return df
 
@@ -93,20 +105,48 @@ def _timed_fit(learn, cbs):
 
 def _learner(model, dls): return Learner(dls, model, loss_func=CrossEntropyLossFlat())
 
-def timer_overhead(model, bs=32, size=64, batches=12, repeats=5, n_out=10):
-    "Paired one-epoch fits of `model` untimed, with `BatchTimer` and with `LayerTimer`: median ratio and µs per batch"
-    from fastai_order.timing import BatchTimer
+@contextmanager
+def _time_spent_in(*classes):
+    "Sum, in the yielded list, the nanoseconds spent inside the `__call__` of `classes` while in the context"
+    spent,calls = [0],{c: c.__call__ for c in classes}
+    def timed(call):
+        def _timed(cb, event_name):
+            t = time.perf_counter_ns()
+            try: return call(cb, event_name)
+            finally: spent[0] += time.perf_counter_ns() - t
+        return _timed
+    for c,call in calls.items(): c.__call__ = timed(call)
+    try: yield spent
+    finally:
+        for c,call in calls.items(): c.__call__ = call
+
+def timer_overhead(model, bs=32, size=64, batches=12, repeats=7, n_out=10):
+    "Paired one-epoch train-only fits of `model`: untimed (twice), with `BatchTimer`, with `LayerTimer`; medians per batch"
+    from fastai_order.timing import BatchTimer, _BatchTimerHead
     from fastai_order.layer_timer import LayerTimer
-    learn = _learner(model, synthetic_dls(n=bs*batches*4//3, bs=bs, size=size, n_out=n_out))
-    n = len(learn.dls.train) + len(learn.dls.valid)
-    cfgs = {'none': lambda: None, 'BatchTimer': lambda: BatchTimer(wandb_every=None), 'LayerTimer': lambda: LayerTimer(warmup=0)}
-    _timed_fit(learn, None)  # warm-up
-    times = {k: [] for k in cfgs}
-    for r in progress_bar(range(repeats), leave=False):
-        for k in (list(cfgs) if r % 2 == 0 else list(cfgs)[::-1]): times[k].append(_timed_fit(learn, cfgs[k]()))
-    return pd.DataFrame([dict(timer=k, ms_per_batch=1e3*statistics.median(t)/n,
-                              ratio=statistics.median(a/b for a,b in zip(t, times['none'])),
-                              us_per_batch=1e6*statistics.median(a-b for a,b in zip(t, times['none']))/n) for k,t in times.items()])
+    learn = _learner(model, synthetic_dls(n=bs*batches, bs=bs, size=size, n_out=n_out, valid_pct=0))
+    cfgs = {'none': lambda: None, 'none again': lambda: None,
+            'BatchTimer': lambda: BatchTimer(wandb_every=None), 'LayerTimer': lambda: LayerTimer(warmup=0)}
+    times,own = {k: [] for k in cfgs},[]
+    with _time_spent_in(BatchTimer, _BatchTimerHead) as spent:
+        _timed_fit(learn, None)  # warm-up
+        for r in progress_bar(range(repeats), leave=False):
+            for k in (list(cfgs) if r % 2 == 0 else list(cfgs)[::-1]):
+                before = spent[0]
+                times[k].append(_timed_fit(learn, cfgs[k]()))
+                if k == 'BatchTimer': own.append((spent[0] - before) / 1e9)
+    q = lambda xs, i: statistics.quantiles(xs, n=4)[i] if len(xs) > 1 else xs[0]
+    rows = []
+    for k,t in times.items():
+        ratios = [a/b for a,b in zip(t, times['none'])]
+        rows.append(dict(timer=k, ms_per_batch=1e3*statistics.median(t)/batches, ratio=statistics.median(ratios),
+                         ratio_q1=q(ratios, 0), ratio_q3=q(ratios, 2),
+                         us_per_batch=1e6*statistics.median(a-b for a,b in zip(t, times['none']))/batches))
+    df = pd.DataFrame(rows)
+    own_us = 1e6*statistics.median(own)/batches
+    df['own_us_per_batch'] = [own_us if k == 'BatchTimer' else float('nan') for k in cfgs]
+    df['own_pct'] = 100*df.own_us_per_batch/(1e3*df.ms_per_batch[0])
+    return df
 
 def phase_shares(orders, widths=(32, 64), bs=32, size=64, batches=24):
     "`BatchTimer`'s train summary (mean ms and % per phase) of `ordered_cnn(widths, order)` for each of `orders`"
@@ -125,22 +165,23 @@ def phase_shares(orders, widths=(32, 64), bs=32, size=64, batches=24):
 # %% ../nbs/08_bench.ipynb #0a9d35c0
 @call_parse
 def timing_bench(
-    arch:str='xresnet18', # fastai XResNet whose fit is timed for the overhead
+    arch:str='xresnet18', # fastai XResNet whose train steps are timed for the overhead
     bs:int=32, # batch size
     size:int=64, # image size in pixels
     batches:int=12, # train batches per fit
-    repeats:int=5, # paired repeats (medians are reported)
+    repeats:int=7, # paired repeats (medians are reported)
     orders:str='resnet,bn_after,pool_before_act', # orders whose phase shares are shown, on a small CNN
     threads:int=None, # torch CPU threads (default: torch's)
 ):
-    "Overhead of `BatchTimer` and `LayerTimer` on `arch` and on a tiny CNN, and phase shares of `orders` on a small CNN"
+    "Overhead of `BatchTimer` and `LayerTimer` on `arch`'s train steps, and phase shares of `orders` on a small CNN"
     _check_arch(arch)
     if threads: torch.set_num_threads(threads)
-    print(f"batch {bs}, {size}px, {batches} train batches per fit, {repeats} paired repeats, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    for name,model,b,sz,nb in [(arch, getattr(fxr, arch)(n_out=10), bs, size, batches),
-                               ('tiny CNN (8 channels, 8px, batch 8)', ordered_cnn(3, 10, (8,)), 8, 8, 100)]:
-        print(f"\nTimer overhead on {name}:")
-        print(timer_overhead(model, bs=b, size=sz, batches=nb, repeats=repeats).to_string(index=False, float_format='%.3f'))
+    kept = keep_freed_memory()
+    print(f"{arch}, batch {bs}, {size}px, {batches} train batches per fit, {repeats} paired repeats, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, malloc keeps freed memory: {kept}")
+    df = timer_overhead(getattr(fxr, arch)(n_out=10), bs=bs, size=size, batches=batches, repeats=repeats)
+    print(df.to_string(index=False, float_format='%.4g'))
+    print(f"BatchTimer's own code: {df.own_us_per_batch[2]:.0f} µs per batch = {df.own_pct[2]:.3f} % of an untimed train step")
     print(f"\nBatchTimer phase shares (train, after warm-up), ordered_cnn widths (32, 64), batch {bs}, {size}px:")
     print(phase_shares(orders.split(','), bs=bs, size=size).to_string(index=False, float_format='%.1f'))
 
