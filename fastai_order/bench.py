@@ -6,12 +6,12 @@ Docs: https://fastai-order.github.io/fastai_order/bench.html.md"""
 
 # %% ../nbs/08_bench.ipynb #225b1f52
 from __future__ import annotations
-import time, statistics, ctypes, ctypes.util
+import time, statistics, ctypes, ctypes.util, warnings
 from contextlib import contextmanager
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from fastcore.script import call_parse
+from fastcore.script import call_parse, store_true
 from fastprogress.fastprogress import progress_bar
 from fastai.vision.models import xresnet as fxr
 from fastai.data.core import Datasets
@@ -25,7 +25,7 @@ from .swap import swap_order
 
 # %% auto #0
 __all__ = ['synthetic_dls', 'keep_freed_memory', 'time_train_steps', 'compare_train_steps', 'bench', 'timer_overhead',
-           'phase_shares', 'timing_bench', 'demo']
+           'phase_shares', 'cuda_check', 'timing_bench', 'demo']
 
 # %% ../nbs/08_bench.ipynb #50c7d5ff
 def synthetic_dls(n=96, bs=16, c_in=3, size=16, n_out=4, seed=0, valid_pct=0.25):
@@ -97,7 +97,7 @@ def bench(
     print(df.to_string(index=False, float_format='%.3f'))
     return df
 
-# %% ../nbs/08_bench.ipynb #1c544514
+# %% ../nbs/08_bench.ipynb #5e47ac3c
 def _timed_fit(learn, cbs):
     start = time.perf_counter_ns()
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cbs)
@@ -162,6 +162,32 @@ def phase_shares(orders, widths=(32, 64), bs=32, size=64, batches=24):
                      'ms/batch': s.mean_ms['total'], 'samples/s': s.samples_per_s['total']})
     return pd.DataFrame(rows)
 
+# %% ../nbs/08_bench.ipynb #1c544514
+def _cuda_syncs(learn, cbs):
+    "Device synchronizations during one fit of `learn`, as counted by torch's CUDA sync debug mode"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try: _timed_fit(learn, cbs)
+        finally: torch.cuda.set_sync_debug_mode(0)
+    return sum('synchroniz' in str(w.message) for w in caught)
+
+def cuda_check(model, bs=32, size=64, batches=12, n_out=10):
+    "On CUDA: synchronizations in a fit of `model` untimed and with each timer, and whether device phases add up to the total"
+    if not torch.cuda.is_available(): raise RuntimeError("`cuda_check` needs CUDA, which is not available")
+    from fastai_order.timing import BatchTimer, _HOST, _DEVICE
+    from fastai_order.layer_timer import LayerTimer
+    learn = _learner(model.cuda(), synthetic_dls(n=bs*batches*4//3, bs=bs, size=size, n_out=n_out).to('cuda'))
+    _timed_fit(learn, None)  # warm-up
+    bt = BatchTimer(wandb_every=None)
+    syncs = {'none': _cuda_syncs(learn, None), 'BatchTimer': _cuda_syncs(learn, bt), 'LayerTimer': _cuda_syncs(learn, LayerTimer())}
+    bt.df  # waits, once, for the last device times
+    rows = bt.rows.array()
+    host,dev = rows[:, _HOST],rows[:, _DEVICE]
+    return pd.DataFrame([dict(timer=k, syncs=n, added_syncs=n - syncs['none']) for k,n in syncs.items()]), dict(
+        batches=len(rows), device_phases_add_up=bool((dev[:, :-1].sum(1) == dev[:, -1]).all()),
+        device_ms_per_batch=dev[:, -1].mean() / 1e6, host_ms_per_batch=host[:, -1].mean() / 1e6)
+
 # %% ../nbs/08_bench.ipynb #0a9d35c0
 @call_parse
 def timing_bench(
@@ -172,9 +198,15 @@ def timing_bench(
     repeats:int=7, # paired repeats (medians are reported)
     orders:str='resnet,bn_after,pool_before_act', # orders whose phase shares are shown, on a small CNN
     threads:int=None, # torch CPU threads (default: torch's)
+    cuda:store_true=False, # instead, on CUDA: count the synchronizations each timer adds and check the device phases
 ):
     "Overhead of `BatchTimer` and `LayerTimer` on `arch`'s train steps, and phase shares of `orders` on a small CNN"
     _check_arch(arch)
+    if cuda:
+        syncs,device = cuda_check(getattr(fxr, arch)(n_out=10), bs=bs, size=size, batches=batches)
+        print(f"{arch} on {torch.cuda.get_device_name()}, batch {bs}, {size}px, torch {torch.__version__}")
+        print(syncs.to_string(index=False)); print(device)
+        return
     if threads: torch.set_num_threads(threads)
     kept = keep_freed_memory()
     print(f"{arch}, batch {bs}, {size}px, {batches} train batches per fit, {repeats} paired repeats, "
