@@ -198,7 +198,7 @@ def commutes(a:str, b:str, mode:str='train', act=None, **conditions) -> Verdict:
     a,b,mode = _check_name(a),_check_name(b),_check_mode(mode)
     f = act_info(act, mode) if act is not None else None
     empirical = bool(f and f.empirical and 'act' in (a, b))
-    if a == b: return Verdict('exact', f'the same op twice')
+    if a == b: return Verdict('exact', 'the same op twice')
     if mode == 'eval' and {a, b} & {'drop', 'drop2d'}: return Verdict(*_EVAL_DROP)
     rule = _RULES.get(tuple(sorted((a, b))))
     if rule is None: return Verdict('never', f'nothing moves {a} across {b} exactly' if 'conv' not in (a, b) else
