@@ -104,6 +104,15 @@ def _act(info, fact):
 
 _EVAL_DROP = ('exact', 'dropout is the identity in evaluation')
 _BATCH_STATS = "BN's batch statistics are those of a different tensor in each order"
+_DROP_POOL = ('never', 'an element mask before pooling is not an element mask after it: a different function and distribution')
+_DROP2D_POOL = ('exact', 'a channel mask times 1/(1−p) ≥ 0 passes through pooling, which works within each channel')
+_DROP_BN = ('never', 'dropout changes the variance BN normalizes by (variance shift, Li et al. 2019)')
+_BIAS_MAXPOOL = ('exact', 'max(x + c) = max(x) + c within a channel')
+_BIAS_DROP = ('never', 'masking x + c is not masking x and adding c')
+_CONV1X1_DROP = ('never', 'a mask on the input channels or pixels is not one on the output')
+_BIAS_AVGPOOL = ('never', 'zero padding counted at the borders is not shifted by the bias', [(None, 'avg_pad_free')], 'the average weights sum to 1')
+_CONV1X1_AVGPOOL = ('never', 'zero padding counted at the borders is not mixed like the rest', [(None, 'avg_pad_free')], 'both are linear: the 1×1 conv works per pixel and the average per channel')
+_DROP_DROP2D = ('exact', 'both multiply by a mask and products commute (given the masks)')
 
 def _act_maxpool(mode, f):
     return ('never', 'f is not non-decreasing, so max pooling picks a different element', [_act(f, 'non_decreasing')],
@@ -127,47 +136,31 @@ def _bn_act(mode, f):
 def _drop_act(mode, f):
     return ('never', "f(0) ≠ 0 or f does not pass inverted dropout's 1/(1−p) through (tanh, GELU, sigmoid...)",
             [_act(f, 'dropout_safe')], 'with the same mask, f(m·x/(1−p)) = m·f(x)/(1−p) when f(0) = 0 and f is positively homogeneous')
-def _drop_pool(mode, f):
-    return 'never', 'an element mask before pooling is not an element mask after it: a different function and distribution'
-def _drop2d_pool(mode, f):
-    return 'exact', 'a channel mask times 1/(1−p) ≥ 0 passes through pooling, which works within each channel'
-def _drop_bn(mode, f):
-    return 'never', 'dropout changes the variance BN normalizes by (variance shift, Li et al. 2019)'
 def _bias_bn(mode, f):
     if mode == 'train': return 'never', 'a bias before BN is cancelled by the batch mean (conv(bias)-BN ≡ conv(no bias)-BN), but one after BN cannot move before it'
     return 'exact', 'BN(x + c) = BN(x) + a·c: the bias moves across scaled by a (by 1/a the other way; a ≠ 0)'
-def _bias_maxpool(mode, f): return 'exact', 'max(x + c) = max(x) + c within a channel'
-def _bias_avgpool(mode, f):
-    return 'never', 'zero padding counted at the borders is not shifted by the bias', [(None, 'avg_pad_free')], 'the average weights sum to 1'
 def _bias_act(mode, f):
     if f and f.linear: return 'exact', 'f(x + c) = f(x) + f(c) for a linear f: the bias moves across as f(c)'
     return 'never', "a bias moves the activation's threshold"
-def _bias_drop(mode, f):
-    return 'never', 'masking x + c is not masking x and adding c'
-def _conv1x1_avgpool(mode, f):
-    return 'never', 'zero padding counted at the borders is not mixed like the rest', [(None, 'avg_pad_free')], 'both are linear: the 1×1 conv works per pixel and the average per channel'
 def _conv1x1_act(mode, f):
     if f and f.linear: return 'exact', 'a linear f is a scale, which commutes with a linear map'
     return 'never', 'a non-linear f does not commute with mixing channels'
 def _conv1x1_bn(mode, f):
     if mode == 'train': return 'never', _BATCH_STATS + ' (the conv mixes channels)'
     return 'exact', 'eval BN is a per-channel affine map that folds into a 1×1 conv on either side'
-def _conv1x1_drop(mode, f):
-    return 'never', 'a mask on the input channels or pixels is not one on the output'
-def _drop_drop2d(mode, f): return 'exact', 'both multiply by a mask and products commute (given the masks)'
 
 _RULES = {
     ('act', 'maxpool'): _act_maxpool, ('act', 'avgpool'): _act_avgpool,
     ('bn', 'maxpool'): _bn_maxpool, ('avgpool', 'bn'): _bn_avgpool, ('act', 'bn'): _bn_act,
     ('act', 'drop'): _drop_act, ('act', 'drop2d'): _drop_act,
-    ('drop', 'maxpool'): _drop_pool, ('avgpool', 'drop'): _drop_pool,
-    ('drop2d', 'maxpool'): _drop2d_pool, ('avgpool', 'drop2d'): _drop2d_pool,
-    ('bn', 'drop'): _drop_bn, ('bn', 'drop2d'): _drop_bn, ('drop', 'drop2d'): _drop_drop2d,
-    ('bn', 'conv_bias'): _bias_bn, ('conv_bias', 'maxpool'): _bias_maxpool, ('avgpool', 'conv_bias'): _bias_avgpool,
-    ('act', 'conv_bias'): _bias_act, ('conv_bias', 'drop'): _bias_drop, ('conv_bias', 'drop2d'): _bias_drop,
-    ('avgpool', 'conv1x1'): _conv1x1_avgpool, ('act', 'conv1x1'): _conv1x1_act, ('bn', 'conv1x1'): _conv1x1_bn,
-    ('conv1x1', 'drop'): _conv1x1_drop, ('conv1x1', 'drop2d'): _conv1x1_drop,
-    ('conv1x1', 'conv_bias'): lambda mode, f: ('exact', 'W·(x + c) = W·x + W·c: the bias moves across as W·c (as W⁻¹·c the other way)'),
+    ('drop', 'maxpool'): _DROP_POOL, ('avgpool', 'drop'): _DROP_POOL,
+    ('drop2d', 'maxpool'): _DROP2D_POOL, ('avgpool', 'drop2d'): _DROP2D_POOL,
+    ('bn', 'drop'): _DROP_BN, ('bn', 'drop2d'): _DROP_BN, ('drop', 'drop2d'): _DROP_DROP2D,
+    ('bn', 'conv_bias'): _bias_bn, ('conv_bias', 'maxpool'): _BIAS_MAXPOOL, ('avgpool', 'conv_bias'): _BIAS_AVGPOOL,
+    ('act', 'conv_bias'): _bias_act, ('conv_bias', 'drop'): _BIAS_DROP, ('conv_bias', 'drop2d'): _BIAS_DROP,
+    ('avgpool', 'conv1x1'): _CONV1X1_AVGPOOL, ('act', 'conv1x1'): _conv1x1_act, ('bn', 'conv1x1'): _conv1x1_bn,
+    ('conv1x1', 'drop'): _CONV1X1_DROP, ('conv1x1', 'drop2d'): _CONV1X1_DROP,
+    ('conv1x1', 'conv_bias'): ('exact', 'W·(x + c) = W·x + W·c: the bias moves across as W·c (as W⁻¹·c the other way)'),
 }
 
 # %% ../nbs/04_commute.ipynb #2d64a483
@@ -203,7 +196,7 @@ def commutes(a:str, b:str, mode:str='train', act=None, **conditions) -> Verdict:
     rule = _RULES.get(tuple(sorted((a, b))))
     if rule is None: return Verdict('never', f'nothing moves {a} across {b} exactly' if 'conv' not in (a, b) else
                                     'a k×k conv with zero padding mixes neighbouring pixels and channels')
-    return _settle(rule(mode, f), _check_conditions(conditions), empirical)
+    return _settle(rule(mode, f) if callable(rule) else rule, _check_conditions(conditions), empirical)
 
 # %% ../nbs/04_commute.ipynb #f7dcc1ae
 def rules_table(act=nn.ReLU, **conditions) -> pd.DataFrame:

@@ -152,8 +152,7 @@ def test_equivalent_orders_compute_the_same():
 
 def _fold(conv, bn):
     "`conv` followed by eval-mode `bn`, as one conv"
-    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    s, t = _bn_affine(bn)
     out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding).double().eval()
-    with torch.no_grad():
-        out.weight.copy_(conv.weight * s.view(-1, 1, 1, 1)); out.bias.copy_(s * (conv.bias - bn.running_mean) + bn.bias)
+    with torch.no_grad(): out.weight.copy_(conv.weight * s.view(-1, 1, 1, 1)); out.bias.copy_(s * conv.bias + t)
     return out
