@@ -3,6 +3,7 @@ from .order import *
 from .layers import *
 from .swap import *
 from .commute import *
+from .optimize import *
 from .timing import *
 from .layer_timer import *
 from .wandb import *

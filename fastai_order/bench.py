@@ -1,4 +1,4 @@
-"""The commands that measure what the package claims: `fastai-order-bench` times train steps of models side by side; `fastai-order-timing` measures the timers' overhead and phase shares; `fastai-order-demo` shows the package at work in a few seconds.
+"""The commands that measure what the package claims: `fastai-order-bench` times train steps of models side by side; `fastai-order-timing` measures the timers' overhead and phase shares; `fastai-order-optimize` measures what `optimize_order` saves; `fastai-order-demo` shows the package at work in a few seconds.
 
 Docs: https://fastai-order.github.io/fastai_order/bench.html.md"""
 
@@ -10,7 +10,8 @@ import time, statistics, ctypes, ctypes.util, warnings
 from contextlib import contextmanager
 import pandas as pd
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F, torch.nn as nn, torchvision
+from torch.fx.experimental.optimization import fuse
 from fastcore.script import call_parse, store_true
 from fastprogress.fastprogress import progress_bar
 from fastai.vision.models import xresnet as fxr
@@ -22,10 +23,12 @@ from fastai.data.transforms import ItemGetter, IndexSplitter
 from .order import LayerOrder, list_presets
 from .layers import ordered_xresnet, ordered_cnn, _check_arch
 from .swap import swap_order
+from .optimize import optimize_order, _rel_err
 
 # %% auto #0
 __all__ = ['synthetic_dls', 'keep_freed_memory', 'time_train_steps', 'compare_train_steps', 'bench', 'timer_overhead',
-           'phase_shares', 'cuda_check', 'timing_bench', 'demo']
+           'phase_shares', 'cuda_check', 'timing_bench', 'optimize_models', 'time_eval', 'compare_eval',
+           'eval_speedups', 'compile_speedup', 'train_speedups', 'optimize_bench', 'demo']
 
 # %% ../nbs/08_bench.ipynb #50c7d5ff
 def synthetic_dls(n=96, bs=16, c_in=3, size=16, n_out=4, seed=0, valid_pct=0.25):
@@ -216,6 +219,105 @@ def timing_bench(
     print(f"BatchTimer's own code: {df.own_us_per_batch[2]:.0f} µs per batch = {df.own_pct[2]:.3f} % of an untimed train step")
     print(f"\nBatchTimer phase shares (train, after warm-up), ordered_cnn widths (32, 64), batch {bs}, {size}px:")
     print(phase_shares(orders.split(','), bs=bs, size=size).to_string(index=False, float_format='%.1f'))
+
+# %% ../nbs/08_bench.ipynb #034a690e
+def _trained_like(model, seed=0):
+    "`model` with BatchNorm statistics and parameters drawn like a trained model's (γ in [0.5, 1.5])"
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5); m.bias.copy_(0.1 * torch.randn(c, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=g)); m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+    return model
+
+def optimize_models(names='resnet18,xresnet18,cnn') -> dict:
+    "The models of `fastai-order-optimize` by name: torchvision's resnet18, fastai's xresnet18, the thread's conv-bn-act-pool CNN"
+    makers = dict(resnet18=lambda: torchvision.models.resnet18(num_classes=10), xresnet18=lambda: fxr.xresnet18(n_out=10),
+                  cnn=lambda: ordered_cnn(3, 10, (32, 64, 128), order='conv-bn-act-pool'))
+    names = names.split(',') if isinstance(names, str) else names
+    bad = [n for n in names if n not in makers]
+    if bad: raise ValueError(f"Unknown model {bad[0]!r}: allowed: {', '.join(makers)}")
+    torch.manual_seed(0)
+    return {n: _trained_like(makers[n]()) for n in names}
+
+def time_eval(model, x, calls=2) -> float:
+    "Seconds per forward call of `model` on `x` in inference mode, after one warm-up call"
+    with torch.inference_mode():
+        model(x)
+        start = time.perf_counter()
+        for _ in range(calls): model(x)
+        return (time.perf_counter() - start) / calls
+
+def compare_eval(models:dict, x, calls=2, repeats=7) -> pd.DataFrame:
+    "Seconds per forward call of each of `models` (name → model) on `x`: one column per model, one row per paired repeat"
+    names, rows = list(models), []
+    for r in progress_bar(range(repeats), leave=False):
+        rows.append({n: time_eval(models[n], x, calls) for n in (names if r % 2 == 0 else names[::-1])})
+    return pd.DataFrame(rows)[names]
+
+def _speedup(times, base, new): return statistics.median(times[base] / times[new])
+
+# %% ../nbs/08_bench.ipynb #cacf6bcb
+def eval_speedups(model, x, calls=2, repeats=7) -> dict:
+    "Paired eval speed-ups of `optimize_order(model, 'eval')` against `model` and against torch.fx `fuse(model)`, on `x`"
+    model = model.eval()
+    report = optimize_order(model, 'eval', example=x)
+    with torch.inference_mode():
+        error = _rel_err(report.model(x), model(x))
+    variants = {'original': model, 'fx fuse': fuse(model), 'rewrites only': optimize_order(model, 'eval', example=x, channels_last=False, reps=0).model,
+                'optimize_order': report.model}
+    t = compare_eval(variants, x, calls, repeats)
+    return dict(ms_original=1e3*t.original.median(), ms_fuse=1e3*t['fx fuse'].median(), ms_optimized=1e3*t.optimize_order.median(),
+                vs_original=_speedup(t, 'original', 'optimize_order'), vs_fuse=_speedup(t, 'fx fuse', 'optimize_order'),
+                rewrites=_speedup(t, 'original', 'rewrites only'), channels_last=_speedup(t, 'rewrites only', 'optimize_order'),
+                layout_applied=report.channels_last, groups=len(report.rows), error=error)
+
+def compile_speedup(model, x, calls=2, repeats=7) -> dict:
+    "Paired eval times of `torch.compile(model)` and `torch.compile(optimize_order(model, 'eval').model)` on `x`"
+    model = model.eval()
+    opt = optimize_order(model, 'eval', example=x).model
+    compiled = {'original': torch.compile(model), 'optimized': torch.compile(opt)}
+    t = compare_eval(compiled, x, calls, repeats)   # the first call of each compiles
+    return dict(ms_original=1e3*t.original.median(), ms_optimized=1e3*t.optimized.median(), time_ratio=statistics.median(t.optimized / t.original))
+
+def train_speedups(model, bs=32, size=64, steps=10, repeats=7) -> pd.DataFrame:
+    "Paired train-step times of `model`, of its exact rewrites alone, and with channels_last too (`compare_train_steps`)"
+    x = torch.randn(4, 3, size, size)
+    variants = {'original': model, 'exact rewrites': optimize_order(model, example=x, channels_last=False, reps=0).model,
+                'rewrites + channels_last': optimize_order(model, example=x, channels_last=True, reps=0).model}
+    df = compare_train_steps(variants, bs=bs, size=size, steps=steps, repeats=repeats)
+    return df.assign(speedup=1/df.ratio)
+
+# %% ../nbs/08_bench.ipynb #5d6b31cc
+@call_parse
+def optimize_bench(
+    models:str='resnet18,xresnet18,cnn', # comma-separated: resnet18 (torchvision), xresnet18 (fastai), cnn (the thread's conv-bn-act-pool CNN)
+    bs:int=8, # batch size in evaluation
+    size:int=224, # image size in evaluation (ImageNet's)
+    train_bs:int=32, # batch size of the CNN's train steps
+    train_size:int=64, # image size of the CNN's train steps
+    repeats:int=7, # paired repeats (medians are reported)
+    threads:int=None, # torch CPU threads (default: torch's)
+    compile:store_true=False, # also compare the original and optimized models under torch.compile (slow: compiles each)
+):
+    "Speed-ups of `optimize_order` in evaluation (vs the original and vs torch.fx fuse), in training (the CNN) and under torch.compile"
+    named = optimize_models(models)
+    if threads: torch.set_num_threads(threads)
+    kept = keep_freed_memory()
+    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, malloc keeps freed memory: {kept}, {repeats} paired repeats")
+    x = torch.randn(bs, 3, size, size, generator=torch.Generator().manual_seed(0))
+    ev = pd.DataFrame([dict(model=n, **eval_speedups(m, x, repeats=repeats)) for n,m in named.items()])
+    print(f"\nEvaluation, batch {bs}, {size}px: speed-up of optimize_order (paired medians); error = max |Δ output| / max |output|")
+    print(ev.to_string(index=False, float_format='%.3g'))
+    if 'cnn' in named:
+        print(f"\nTraining steps of the thread's CNN, batch {train_bs}, {train_size}px (conv-bn-act-pool → conv-bn-pool-act):")
+        print(train_speedups(optimize_models('cnn')['cnn'], train_bs, train_size, repeats=repeats).to_string(index=False, float_format='%.3f'))
+    if compile:
+        cp = pd.DataFrame([dict(model=n, **compile_speedup(m, x, repeats=repeats)) for n,m in named.items()])
+        print(f"\nUnder torch.compile, evaluation, batch {bs}, {size}px: time of the optimized model / time of the original")
+        print(cp.to_string(index=False, float_format='%.3f'))
 
 # %% ../nbs/08_bench.ipynb #48e45bba
 @call_parse

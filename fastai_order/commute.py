@@ -16,7 +16,7 @@ from .order import LayerOrder
 
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'NAMES', 'MODES', 'CONDITIONS', 'COSTS', 'ActInfo', 'act_info', 'Verdict', 'commutes', 'rules_table',
-           'order_cost', 'equivalent_orders', 'cheapest_equivalent']
+           'order_cost', 'equivalent_orders', 'cheapest_equivalent', 'conditions_of']
 
 # %% ../nbs/04_commute.ipynb #b835f585
 class ActInfo:
@@ -225,31 +225,63 @@ def _names(order, pool, drop):
 
 def _layer_order(names): return LayerOrder(['pool' if n in _POOLS else 'drop' if n in ('drop', 'drop2d') else n for n in names])
 
-def order_cost(order, mode='train', pool='max', drop='drop', pool_factor=4.) -> float:
-    "Elements `order`'s ops touch per conv output element under the cost model (`COSTS`)"
+def _cost(names, mode, pool_factor):
     size,cost = 1.,0.
-    for n in _names(order, pool, drop):
-        cost += COSTS[_check_mode(mode)][n] * size
+    for n in names:
+        cost += COSTS[mode][n] * size
         if n in _POOLS: size /= pool_factor
     return cost
 
+def order_cost(order, mode='train', pool='max', drop='drop', pool_factor=4.) -> float:
+    "Elements `order`'s ops touch per conv output element under the cost model (`COSTS`)"
+    return _cost(_names(order, pool, drop), _check_mode(mode), pool_factor)
+
 def _moves(names, mode, act, conditions):
-    "Orders one exact rewrite away from `names`: a swap of commuting neighbours, or, in eval, a BN fold or a dropout removal"
+    "(order, reason) one exact rewrite away from `names`: a swap of commuting neighbours, or, in eval, a BN fold or a dropout removal"
     for i in range(len(names) - 1):
-        if commutes(names[i], names[i+1], mode, act=act, **conditions): yield names[:i] + (names[i+1], names[i]) + names[i+2:]
+        v = commutes(names[i], names[i+1], mode, act=act, **conditions)
+        if v: yield names[:i] + (names[i+1], names[i]) + names[i+2:], f'{names[i]} ↔ {names[i+1]}: {v.reason}'
     if mode == 'eval':
         for i,n in enumerate(names):
-            if n in ('drop', 'drop2d') or (n == 'bn' and i and names[i-1] == 'conv'): yield names[:i] + names[i+1:]
+            if n in ('drop', 'drop2d'): yield names[:i] + names[i+1:], f'{n} removed: dropout is the identity in evaluation'
+            if n == 'bn' and i and names[i-1] == 'conv':
+                yield names[:i] + names[i+1:], 'bn folded into the conv: eval BN is a per-channel affine map'
+
+def _search(start, mode, act, conditions):
+    "Every order reachable from `start` by exact rewrites, mapped to (the order it came from, the rewrite's reason)"
+    seen,todo = {start: None},deque([start])
+    while todo:
+        cur = todo.popleft()
+        for nxt,why in _moves(cur, mode, act, _check_conditions(conditions)):
+            if nxt not in seen: seen[nxt] = (cur, why); todo.append(nxt)
+    return seen
+
+def _steps(seen, names):
+    "The reasons of the rewrites that lead to `names` in a `_search` result, first first"
+    steps = []
+    while seen[names]: names,why = seen[names]; steps.insert(0, why)
+    return steps
+
+def _cheapest(seen, mode, pool_factor):
+    return min(seen, key=lambda n: (_cost(n, mode, pool_factor), len(n)))
 
 def equivalent_orders(order, mode='train', act=nn.ReLU, pool='max', drop='drop', **conditions) -> list:
     "Every order that computes exactly what `order` does in `mode`, nearest first (`order` itself first)"
-    start,mode = _names(order, pool, drop),_check_mode(mode)
-    seen,todo = {start: None},deque([start])
-    while todo:
-        for nxt in _moves(todo.popleft(), mode, act, _check_conditions(conditions)):
-            if nxt not in seen: seen[nxt] = None; todo.append(nxt)
-    return [_layer_order(n) for n in seen]
+    return [_layer_order(n) for n in _search(_names(order, pool, drop), _check_mode(mode), act, conditions)]
 
 def cheapest_equivalent(order, mode='train', act=nn.ReLU, pool='max', drop='drop', pool_factor=4., **conditions) -> LayerOrder:
     "The cheapest order equivalent to `order` in `mode` under the cost model (among equals, the shortest, then the nearest)"
-    return min(equivalent_orders(order, mode, act, pool, drop, **conditions), key=lambda o: (order_cost(o, mode, pool, drop, pool_factor), len(o)))
+    seen = _search(_names(order, pool, drop), _check_mode(mode), act, conditions)
+    return _layer_order(_cheapest(seen, mode, pool_factor))
+
+def conditions_of(modules, mode='eval') -> dict:
+    "The facts `commutes` may ask for, read from built `modules` (BN γ and statistics in eval, average pool padding, PReLU weights in eval)"
+    out = {}
+    for m in modules:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and mode == 'eval' and m.running_var is not None:
+            a = m.weight / torch.sqrt(m.running_var + m.eps) if m.affine else 1 / torch.sqrt(m.running_var + m.eps)
+            shift = (m.bias if m.affine else 0) - a * m.running_mean
+            out.update(bn_scale_nonneg=bool((a >= 0).all()), bn_shift_zero=bool((shift == 0).all()))
+        if isinstance(m, nn.modules.pooling._AvgPoolNd):
+            out['avg_pad_free'] = not m.count_include_pad or all(p == 0 for p in torch.nn.modules.utils._ntuple(3)(m.padding))
+    return out
