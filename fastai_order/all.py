@@ -4,6 +4,7 @@ from .layers import *
 from .swap import *
 from .commute import *
 from .optimize import *
+from .data import *
 from .timing import *
 from .layer_timer import *
 from .wandb import *
