@@ -5,6 +5,7 @@ from .swap import *
 from .commute import *
 from .optimize import *
 from .data import *
+from .compare import *
 from .timing import *
 from .layer_timer import *
 from .wandb import *

@@ -6,7 +6,9 @@ Docs: https://fastai-order.github.io/fastai_order/bench.html.md"""
 
 # %% ../nbs/08_bench.ipynb #225b1f52
 from __future__ import annotations
-import time, statistics, ctypes, ctypes.util, warnings
+import time, statistics, ctypes, ctypes.util, warnings, tempfile, os, io
+from pathlib import Path
+from contextlib import redirect_stdout
 from contextlib import contextmanager
 import pandas as pd
 import torch
@@ -17,6 +19,9 @@ from fastprogress.fastprogress import progress_bar
 from fastai.vision.models import xresnet as fxr
 from fastai.data.core import Datasets
 from fastai.learner import Learner
+from fastai.metrics import accuracy
+from fastai.torch_core import set_seed
+import fastai.callback.schedule  # fit_one_cycle
 from fastai.losses import CrossEntropyLossFlat
 import fastai.callback.progress  # Learner.no_bar
 from fastai.data.transforms import ItemGetter, IndexSplitter
@@ -24,11 +29,13 @@ from .order import LayerOrder, list_presets
 from .layers import ordered_xresnet, ordered_cnn, _check_arch
 from .swap import swap_order
 from .optimize import optimize_order, _rel_err
+from .compare import compare_orders, _model
+from .data import get_dls
 
 # %% auto #0
 __all__ = ['synthetic_dls', 'keep_freed_memory', 'time_train_steps', 'compare_train_steps', 'bench', 'timer_overhead',
-           'phase_shares', 'cuda_check', 'timing_bench', 'optimize_models', 'time_eval', 'compare_eval',
-           'eval_speedups', 'compile_speedup', 'train_speedups', 'optimize_bench', 'demo']
+           'phase_shares', 'cuda_check', 'runner_overhead', 'timing_bench', 'optimize_models', 'time_eval',
+           'compare_eval', 'eval_speedups', 'compile_speedup', 'train_speedups', 'optimize_bench', 'demo']
 
 # %% ../nbs/08_bench.ipynb #50c7d5ff
 def synthetic_dls(n=96, bs=16, c_in=3, size=16, n_out=4, seed=0, valid_pct=0.25):
@@ -192,6 +199,29 @@ def cuda_check(model, bs=32, size=64, batches=12, n_out=10):
         device_ms_per_batch=dev[:, -1].mean() / 1e6, host_ms_per_batch=host[:, -1].mean() / 1e6)
 
 # %% ../nbs/08_bench.ipynb #0a9d35c0
+def _bare_fit(orders, seeds, data, arch, epochs, lr, bs, size, num_workers):
+    "The training `compare_orders` does, as a bare loop: no timer, no files, no statistics, no report"
+    for s in range(seeds):
+        for o in orders:
+            set_seed(s); dls = get_dls(data, size=size, bs=bs, num_workers=num_workers)
+            set_seed(s); Learner(dls, _model(arch, LayerOrder(o), dls.c), metrics=accuracy).fit_one_cycle(epochs, lr)
+
+def runner_overhead(orders=('resnet', 'bn_after', 'pool_before_bn'), data='mnist', arch='cnn', epochs=5, lr=3e-3, bs=64, size=28,
+                    seeds=1, repeats=3, num_workers=None) -> pd.DataFrame:
+    "Paired wall times of `compare_orders` (into a new folder) and of a bare `fit_one_cycle` loop training the same"
+    times = {'runner': [], 'bare': []}
+    for r in progress_bar(range(repeats), leave=False):
+        for kind in (('runner', 'bare') if r % 2 == 0 else ('bare', 'runner')):
+            with tempfile.TemporaryDirectory() as d, redirect_stdout(io.StringIO()):
+                start = time.perf_counter()
+                if kind == 'runner': compare_orders(orders, data, arch, epochs, lr, bs, size, seeds, out=Path(d)/'c', num_workers=num_workers)
+                else: _bare_fit(orders, seeds, data, arch, epochs, lr, bs, size, num_workers)
+                times[kind].append(time.perf_counter() - start)
+    ratio = [a/b for a,b in zip(times['runner'], times['bare'])]
+    return pd.DataFrame([dict(runs=len(orders)*seeds, epochs=epochs, runner_s=statistics.median(times['runner']),
+                              bare_s=statistics.median(times['bare']), ratio=statistics.median(ratio), ratio_min=min(ratio), ratio_max=max(ratio))])
+
+# %% ../nbs/08_bench.ipynb #81b18b5d
 @call_parse
 def timing_bench(
     arch:str='xresnet18', # fastai XResNet whose train steps are timed for the overhead
@@ -202,6 +232,7 @@ def timing_bench(
     orders:str='resnet,bn_after,pool_before_act', # orders whose phase shares are shown, on a small CNN
     threads:int=None, # torch CPU threads (default: torch's)
     cuda:store_true=False, # instead, on CUDA: count the synchronizations each timer adds and check the device phases
+    runner:store_true=False, # instead, the overhead of `compare_orders` against a bare fit loop (3 orders, 5 epochs of MNIST; `repeats` pairs)
 ):
     "Overhead of `BatchTimer` and `LayerTimer` on `arch`'s train steps, and phase shares of `orders` on a small CNN"
     _check_arch(arch)
@@ -212,6 +243,11 @@ def timing_bench(
         return
     if threads: torch.set_num_threads(threads)
     kept = keep_freed_memory()
+    if runner:
+        df = runner_overhead(repeats=repeats)
+        print(f"compare_orders vs a bare fit_one_cycle loop, cnn on MNIST, {torch.get_num_threads()} threads, {repeats} paired repeats:")
+        print(df.to_string(index=False, float_format='%.3f'))
+        return df
     print(f"{arch}, batch {bs}, {size}px, {batches} train batches per fit, {repeats} paired repeats, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, malloc keeps freed memory: {kept}")
     df = timer_overhead(getattr(fxr, arch)(n_out=10), bs=bs, size=size, batches=batches, repeats=repeats)

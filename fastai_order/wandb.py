@@ -38,10 +38,21 @@ def _config_value(v, depth=0):
     s = str(v)
     return s if len(s) <= 200 else f'{type(v).__module__}.{type(v).__qualname__}'
 
+def _formatted(config):
+    return {k: _formatted(v) if isinstance(v, dict) else _config_value(v) for k,v in config.items()}
+
+def _format_config(config):
+    "Format `config` in place, as fastai does, but build new nested dicts: they may be a callback's own (`ParamScheduler.scheds`)"
+    new = _formatted(config)
+    config.clear(); config.update(new)
+    return config
+
+_fastai_format_config = getattr(fastai_wandb, '_format_config', None)   # fastai's own, kept for the tests
+
 def fix_wandb_callback() -> bool:
     "Replace the config formatter of fastai's `WandbCallback` when fastai issue 4173 is present; returns whether it did"
     if not wandb_config_bug(): return False
-    fastai_wandb._format_config_value = _config_value
+    fastai_wandb._format_config_value, fastai_wandb._format_config = _config_value, _format_config
     return True
 
 WANDB_CALLBACK_FIXED = fix_wandb_callback()

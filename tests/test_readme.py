@@ -15,9 +15,10 @@ def test_readme_mirrors_index():
             assert para.strip() in readme, para
 
 
-def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
+def test_readme_commands_main_job_first_and_ci_runs_the_test_one():
     readme = root.joinpath('README.md').read_text()
     cmds = re.findall(r'```sh\n(.*?)\n```', readme, re.S)
-    assert len(cmds) == 2 and all(c.startswith('python3 -m venv .venv && ') for c in cmds)
-    assert 'fastai-order-demo' in cmds[0] and 'pytest' in cmds[1] and 'nbdev-test' in cmds[1]
+    assert len(cmds) == 3 and all(c.startswith('python3 -m venv .venv && ') for c in cmds)
+    assert 'fastai-order-compare' in cmds[0] and '--data mnist' in cmds[0] and '--data imagenette-160' in cmds[1]
+    assert 'pytest' in cmds[2] and 'nbdev-test' in cmds[2]
     assert "grep -m1 -E '^python3 -m venv \\.venv .*pytest' README.md" in root.joinpath('.ci/run').read_text()

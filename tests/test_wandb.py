@@ -82,10 +82,11 @@ def test_no_run_logs_nothing(monkeypatch):
 def test_fix_only_when_needed(monkeypatch):
     assert not fo_wandb.wandb_config_bug()  # importing the package fixed fastai 2.8.12
     assert fastai_wandb._format_config({'a': True, 'n': 8, 'd': 'cuda'}) == {'a': True, 'n': 8, 'd': 'cuda'}
+    monkeypatch.setattr(fastai_wandb, '_format_config', fo_wandb._fastai_format_config)   # fastai's own, which calls the value formatter
     working = lambda v: v
     monkeypatch.setattr(fastai_wandb, '_format_config_value', working)
     assert fo_wandb.fix_wandb_callback() is False and fastai_wandb._format_config_value is working
     def broken(v): return vars(v)  # what fastai 2.8.12 does with a plain value
     monkeypatch.setattr(fastai_wandb, '_format_config_value', broken)
     assert fo_wandb.wandb_config_bug() and fo_wandb.fix_wandb_callback() is True
-    assert fastai_wandb._format_config_value is fo_wandb._config_value
+    assert fastai_wandb._format_config_value is fo_wandb._config_value and fastai_wandb._format_config is fo_wandb._format_config
