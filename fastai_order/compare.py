@@ -20,7 +20,7 @@ from fastai.metrics import accuracy
 import fastai.callback.schedule, fastai.callback.channelslast  # fit_one_cycle, to_channelslast
 from .order import LayerOrder
 from .layers import ordered_xresnet, ordered_cnn, XRESNET_ARCHS
-from .timing import BatchTimer, PHASES
+from .timing import BatchTimer, PHASES, _COLORS
 from .data import get_dls, data_folder, DATASETS
 
 # %% auto #0
@@ -146,8 +146,6 @@ def order_stats(runs, baseline=None, orders=None, alpha=0.05) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 # %% ../nbs/07_compare.ipynb #8ae62f69
-_COLORS = dict(data='#4c72b0', forward='#55a868', loss='#c44e52', backward='#8172b2', step='#ccb974', other='#8c8c8c')
-
 class Comparison:
     "The runs of a comparison, their statistics against `baseline`, and the report: a markdown table and three figures"
     def __init__(self, out, runs, config, baseline=None):
