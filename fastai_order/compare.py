@@ -179,7 +179,8 @@ class Comparison:
         left = np.zeros(len(means))
         for p in PHASES:
             ax.barh(means.index, means[f'train_{p}_ms'], left=left, color=_COLORS[p], label=p); left += means[f'train_{p}_ms'].values
-        ax.set_xlabel('train ms per batch'); ax.invert_yaxis(); ax.legend(ncol=3, fontsize=7); ax.set_title('Where a train batch goes')
+        ax.set_xlabel('train ms per batch'); ax.invert_yaxis(); ax.set_title('Where a train batch goes')
+        ax.legend(ncol=len(PHASES), fontsize=7, loc='lower center', bbox_to_anchor=(0.5, 1.08), frameon=False)
         return ax
 
     def plot_tradeoff(self, ax=None):
