@@ -116,33 +116,29 @@ def _welch(a, b):
     lo, hi = r.confidence_interval(0.95)
     return (lo + hi) / 2, (hi - lo) / 2, r.pvalue
 
-def _verdict(runs, order, baseline, alpha=0.05):
-    a, b = runs[runs.order == order], runs[runs.order == baseline]
-    n = min(len(a), len(b))
-    if n < 2: return f"one run each: no test (n={len(a)} vs {len(b)})"
-    d, h, p = _welch(b.train_ms, a.train_ms)   # positive: faster than the baseline
-    base = b.train_ms.mean()
-    speed = (f"{'faster' if d > 0 else 'slower'} by {abs(d)/base:.0%} ± {h/base:.0%}" if p < alpha
-             else f"speed not distinguishable (±{h/base:.0%})")
-    d, h, p = _welch(a.accuracy, b.accuracy)
-    acc = (f"{'more' if d > 0 else 'less'} accurate by {100*abs(d):.1f} ± {100*h:.1f} points" if p < alpha
-           else f"accuracy not distinguishable at n={n}")
-    return f"{speed}, {acc}"
+def _verdict(ms, acc, base_ms, n, alpha=0.05):
+    "Plain words for Welch results on train ms (baseline − order) and on accuracy (order − baseline)"
+    (d, h, p), (da, ha, pa) = ms, acc
+    speed = (f"{'faster' if d > 0 else 'slower'} by {abs(d)/base_ms:.0%} ± {h/base_ms:.0%}" if p < alpha
+             else f"speed not distinguishable (±{h/base_ms:.0%})")
+    accuracy = (f"{'more' if da > 0 else 'less'} accurate by {100*abs(da):.1f} ± {100*ha:.1f} points" if pa < alpha
+                else f"accuracy not distinguishable at n={n}")
+    return f"{speed}, {accuracy}"
 
 def order_stats(runs, baseline=None, orders=None, alpha=0.05) -> pd.DataFrame:
     "Per order (in `orders`' order): n, mean, std and 95 % CI of accuracy and train ms per batch, Welch's p against `baseline`, a verdict"
     orders = [o for o in (orders or runs.order.unique()) if o in set(runs.order)]
     baseline = baseline or orders[0]
-    rows = []
+    b, rows = runs[runs.order == baseline], []
     for order in orders:
         g = runs[runs.order == order]
-        b = runs[runs.order == baseline]
-        test = order != baseline and len(g) > 1 and len(b) > 1
-        rows.append(dict(order=order, n=len(g),
-            acc_mean=g.accuracy.mean(), acc_std=g.accuracy.std(), acc_ci=_ci(g.accuracy),
-            ms_mean=g.train_ms.mean(), ms_std=g.train_ms.std(), ms_ci=_ci(g.train_ms),
-            p_acc=_welch(g.accuracy, b.accuracy)[2] if test else np.nan, p_ms=_welch(g.train_ms, b.train_ms)[2] if test else np.nan,
-            verdict='baseline' if order == baseline else _verdict(runs, order, baseline, alpha)))
+        row = dict(order=order, n=len(g), acc_mean=g.accuracy.mean(), acc_std=g.accuracy.std(), acc_ci=_ci(g.accuracy),
+                   ms_mean=g.train_ms.mean(), ms_std=g.train_ms.std(), ms_ci=_ci(g.train_ms), p_acc=np.nan, p_ms=np.nan, verdict='baseline')
+        if order != baseline and min(len(g), len(b)) < 2: row['verdict'] = f"no test with a single run (n={len(g)} vs {len(b)})"
+        elif order != baseline:
+            ms, acc = _welch(b.train_ms, g.train_ms), _welch(g.accuracy, b.accuracy)   # positive: faster, more accurate
+            row.update(p_ms=ms[2], p_acc=acc[2], verdict=_verdict(ms, acc, b.train_ms.mean(), min(len(g), len(b)), alpha))
+        rows.append(row)
     return pd.DataFrame(rows)
 
 # %% ../nbs/07_compare.ipynb #8ae62f69

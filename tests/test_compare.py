@@ -46,7 +46,7 @@ def test_another_configuration_in_the_same_folder_is_refused(data, tmp_path):
 
 def test_one_seed_claims_no_test(data, tmp_path):
     res = compare_orders(['resnet', 'pool_before_bn'], data, seeds=1, out=tmp_path, **TINY)
-    assert res.stats.verdict.tolist() == ['baseline', 'one run each: no test (n=1 vs 1)'] and res.stats.p_ms.isna().all()
+    assert res.stats.verdict.tolist() == ['baseline', 'no test with a single run (n=1 vs 1)'] and res.stats.p_ms.isna().all()
 
 
 def test_single_runs_fan_out_and_a_last_call_reports(data, tmp_path, capsys):
