@@ -21,7 +21,7 @@ import fastai.callback.schedule, fastai.callback.channelslast  # fit_one_cycle, 
 from .order import LayerOrder
 from .layers import ordered_xresnet, ordered_cnn, XRESNET_ARCHS
 from .timing import BatchTimer, PHASES, _COLORS
-from .data import get_dls, data_folder, DATASETS
+from .data import get_dls, data_folder, DATASETS, _check_folder
 
 # %% auto #0
 __all__ = ['ARCHS', 'BACKENDS', 'TRAINING_KEYS', 'train_run', 'load_runs', 'order_stats', 'Comparison', 'comparison_plan',
@@ -223,9 +223,7 @@ def comparison_plan(orders, data='mnist', arch='cnn', epochs=3, lr=3e-3, bs=64, 
     for k, v in dict(epochs=epochs, bs=bs, size=size).items():
         if not isinstance(v, int) or v < 1: raise ValueError(f"`{k}` must be an integer ≥ 1, got {v!r}")
     if not lr > 0: raise ValueError(f"`lr` must be > 0, got {lr!r}")
-    if data != 'mnist' and data not in DATASETS:
-        if not Path(data).expanduser().is_dir(): raise ValueError(f"Unknown data {str(data)!r}: not a folder, nor one of {', '.join(['mnist', *DATASETS])}")
-        data = str(Path(data).expanduser().resolve())
+    if data != 'mnist' and data not in DATASETS: data = str(_check_folder(data).resolve())   # a bad folder stops here
     grid = [(o, s) for s in range(seeds) for o in orders]
     if only is not None:
         only = (str(LayerOrder(only[0])), only[1])

@@ -6,7 +6,7 @@ Docs: https://fastai-order.github.io/fastai_order/data.html.md"""
 
 # %% ../nbs/06_data.ipynb #e7fb1132
 from __future__ import annotations
-import os, shutil, tempfile
+import shutil, tempfile
 from pathlib import Path
 import numpy as np
 from PIL import Image

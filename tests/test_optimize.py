@@ -6,7 +6,7 @@ from fastai.layers import ConvLayer
 from fastai.learner import Learner
 from fastai.vision.models.xresnet import xresnet18
 from fastai_order.commute import ACTIVATIONS
-from fastai_order.layers import ordered_cnn, OrderedConvLayer
+from fastai_order.layers import ordered_cnn
 from fastai_order.optimize import optimize_order, plan_rewrites
 from fastai_order.bench import synthetic_dls
 
