@@ -26,11 +26,12 @@ from fastai.losses import CrossEntropyLossFlat
 import fastai.callback.progress  # Learner.no_bar
 from fastai.data.transforms import ItemGetter, IndexSplitter
 from .order import LayerOrder, list_presets
-from .layers import ordered_xresnet, ordered_cnn, _check_arch
+from .layers import ordered_xresnet, ordered_cnn, XRESNET_ARCHS
 from .swap import swap_order
 from .optimize import optimize_order, _rel_err
-from .compare import compare_orders, _model
-from .data import get_dls
+from .run import RunConfig, run_learner
+from .compare import compare_orders, comparison_plan
+from .cli import cli_errors, check_choice, check_int
 
 # %% auto #0
 __all__ = ['synthetic_dls', 'keep_freed_memory', 'time_train_steps', 'compare_train_steps', 'bench', 'timer_overhead',
@@ -84,6 +85,7 @@ def compare_train_steps(models:dict, bs=32, size=64, c_in=3, n_out=10, steps=10,
 
 # %% ../nbs/08_bench.ipynb #b76d399a
 @call_parse
+@cli_errors('fastai-order-bench')
 def bench(
     arch:str='xresnet18', # fastai XResNet to build
     orders:str='resnet', # comma-separated orders or presets to time against fastai's model
@@ -94,7 +96,9 @@ def bench(
     threads:int=None, # torch CPU threads (default: torch's)
 ):
     "Paired train-step times of `ordered_xresnet(arch, order)` against fastai's `arch`, on CPU"
-    _check_arch(arch)
+    check_choice('arch', arch, XRESNET_ARCHS)
+    for k in ('bs', 'size', 'steps', 'repeats'): check_int(k, locals()[k])
+    check_int('threads', threads, none_ok=True)
     orders = [LayerOrder(o) for o in orders.split(',')]
     if threads: torch.set_num_threads(threads)
     kept = keep_freed_memory()
@@ -199,30 +203,28 @@ def cuda_check(model, bs=32, size=64, batches=12, n_out=10):
         device_ms_per_batch=dev[:, -1].mean() / 1e6, host_ms_per_batch=host[:, -1].mean() / 1e6)
 
 # %% ../nbs/08_bench.ipynb #0a9d35c0
-def _bare_fit(orders, seeds, data, arch, epochs, lr, bs, size, num_workers):
+def _bare_fit(grid):
     "The training `compare_orders` does, as a bare loop: no timer, no files, no statistics, no report"
-    for s in range(seeds):
-        for o in orders:
-            set_seed(s); dls = get_dls(data, size=size, bs=bs, num_workers=num_workers)
-            set_seed(s); Learner(dls, _model(arch, LayerOrder(o), dls.c), metrics=accuracy).fit_one_cycle(epochs, lr)
+    for cfg in grid: run_learner(cfg).fit_one_cycle(cfg.epochs, cfg.lr)
 
-def runner_overhead(orders=('resnet', 'bn_after', 'pool_before_bn'), data='mnist', arch='cnn', epochs=5, lr=3e-3, bs=64, size=28,
-                    seeds=1, repeats=3, num_workers=None) -> pd.DataFrame:
-    "Paired wall times of `compare_orders` (into a new folder) and of a bare `fit_one_cycle` loop training the same"
-    times = {'runner': [], 'bare': []}
+def runner_overhead(orders=('resnet', 'bn_after', 'pool_before_bn'), config:RunConfig|None=None, seeds=1, repeats=3) -> pd.DataFrame:
+    "Paired wall times of `compare_orders` (into a new folder) and of a bare `fit_one_cycle` loop training the same runs"
+    config = config or RunConfig(epochs=5)
+    grid, times = comparison_plan(orders, config, seeds), {'runner': [], 'bare': []}
     for r in progress_bar(range(repeats), leave=False):
         for kind in (('runner', 'bare') if r % 2 == 0 else ('bare', 'runner')):
             with tempfile.TemporaryDirectory() as d, redirect_stdout(io.StringIO()):
                 start = time.perf_counter()
-                if kind == 'runner': compare_orders(orders, data, arch, epochs, lr, bs, size, seeds, out=Path(d)/'c', num_workers=num_workers)
-                else: _bare_fit(orders, seeds, data, arch, epochs, lr, bs, size, num_workers)
+                if kind == 'runner': compare_orders(orders, config, seeds, out=Path(d)/'c')
+                else: _bare_fit(grid)
                 times[kind].append(time.perf_counter() - start)
     ratio = [a/b for a,b in zip(times['runner'], times['bare'])]
-    return pd.DataFrame([dict(runs=len(orders)*seeds, epochs=epochs, runner_s=statistics.median(times['runner']),
+    return pd.DataFrame([dict(runs=len(grid), epochs=config.epochs, runner_s=statistics.median(times['runner']),
                               bare_s=statistics.median(times['bare']), ratio=statistics.median(ratio), ratio_min=min(ratio), ratio_max=max(ratio))])
 
 # %% ../nbs/08_bench.ipynb #81b18b5d
 @call_parse
+@cli_errors('fastai-order-timing')
 def timing_bench(
     arch:str='xresnet18', # fastai XResNet whose train steps are timed for the overhead
     bs:int=32, # batch size
@@ -235,7 +237,11 @@ def timing_bench(
     runner:store_true=False, # instead, the overhead of `compare_orders` against a bare fit loop (3 orders, 5 epochs of MNIST; `repeats` pairs)
 ):
     "Overhead of `BatchTimer` and `LayerTimer` on `arch`'s train steps, and phase shares of `orders` on a small CNN"
-    _check_arch(arch)
+    check_choice('arch', arch, XRESNET_ARCHS)
+    for k in ('bs', 'size', 'batches', 'repeats'): check_int(k, locals()[k])
+    check_int('threads', threads, none_ok=True)
+    orders = [str(LayerOrder(o)) for o in orders.split(',')]   # checked before any benchmark runs
+    if cuda and not torch.cuda.is_available(): raise ValueError("--cuda needs CUDA, which is not available here")
     if cuda:
         syncs,device = cuda_check(getattr(fxr, arch)(n_out=10), bs=bs, size=size, batches=batches)
         print(f"{arch} on {torch.cuda.get_device_name()}, batch {bs}, {size}px, torch {torch.__version__}")
@@ -254,7 +260,7 @@ def timing_bench(
     print(df.to_string(index=False, float_format='%.4g'))
     print(f"BatchTimer's own code: {df.own_us_per_batch[2]:.0f} µs per batch = {df.own_pct[2]:.3f} % of an untimed train step")
     print(f"\nBatchTimer phase shares (train, after warm-up), ordered_cnn widths (32, 64), batch {bs}, {size}px:")
-    print(phase_shares(orders.split(','), bs=bs, size=size).to_string(index=False, float_format='%.1f'))
+    print(phase_shares(orders, bs=bs, size=size).to_string(index=False, float_format='%.1f'))
 
 # %% ../nbs/08_bench.ipynb #034a690e
 def _trained_like(model, seed=0):
@@ -273,8 +279,7 @@ def optimize_models(names='resnet18,xresnet18,cnn') -> dict:
     makers = dict(resnet18=lambda: torchvision.models.resnet18(num_classes=10), xresnet18=lambda: fxr.xresnet18(n_out=10),
                   cnn=lambda: ordered_cnn(3, 10, (32, 64, 128), order='conv-bn-act-pool'))
     names = names.split(',') if isinstance(names, str) else names
-    bad = [n for n in names if n not in makers]
-    if bad: raise ValueError(f"Unknown model {bad[0]!r}: allowed: {', '.join(makers)}")
+    for n in names: check_choice('model', n, list(makers))
     torch.manual_seed(0)
     return {n: _trained_like(makers[n]()) for n in names}
 
@@ -328,6 +333,7 @@ def train_speedups(model, bs=32, size=64, steps=10, repeats=7) -> pd.DataFrame:
 
 # %% ../nbs/08_bench.ipynb #5d6b31cc
 @call_parse
+@cli_errors('fastai-order-optimize')
 def optimize_bench(
     models:str='resnet18,xresnet18,cnn', # comma-separated: resnet18 (torchvision), xresnet18 (fastai), cnn (the thread's conv-bn-act-pool CNN)
     bs:int=8, # batch size in evaluation
@@ -339,6 +345,8 @@ def optimize_bench(
     compile:store_true=False, # also compare the original and optimized models under torch.compile (slow: compiles each)
 ):
     "Speed-ups of `optimize_order` in evaluation (vs the original and vs torch.fx fuse), in training (the CNN) and under torch.compile"
+    for k in ('bs', 'size', 'train_bs', 'train_size', 'repeats'): check_int(k, locals()[k])
+    check_int('threads', threads, none_ok=True)
     named = optimize_models(models)
     if threads: torch.set_num_threads(threads)
     kept = keep_freed_memory()
@@ -357,11 +365,13 @@ def optimize_bench(
 
 # %% ../nbs/08_bench.ipynb #48e45bba
 @call_parse
+@cli_errors('fastai-order-demo')
 def demo(
     arch:str='xresnet18', # fastai XResNet to build
     order:str='bn_after', # order to swap to
 ):
     "Build `arch` in fastai's order and in `order`, swap one into the other in place, and show that nothing was lost"
+    check_choice('arch', arch, XRESNET_ARCHS)
     order = LayerOrder(order)
     print('Presets:\n' + list_presets().to_string(index=False) + '\n')
     torch.manual_seed(0); a = ordered_xresnet(arch, 'resnet', n_out=10)

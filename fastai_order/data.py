@@ -1,4 +1,4 @@
-"""`get_dls`: Imagenette, Imagewoof, any folder in their layout, or MNIST digits that work offline, all through fastai's Imagenette recipe.
+"""`get_dls`: Imagenette, Imagewoof, any folder in their layout, or MNIST digits that work offline, each with a training recipe that suits it.
 
 Docs: https://fastai-order.github.io/fastai_order/data.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://fastai-order.github.io/fastai_order/data.html.md"""
 
 # %% ../nbs/06_data.ipynb #e7fb1132
 from __future__ import annotations
-import shutil, tempfile
+import difflib, shutil, tempfile
 from pathlib import Path
 import numpy as np
 from PIL import Image
@@ -15,11 +15,11 @@ from fastai.data.block import DataBlock, CategoryBlock
 from fastai.data.external import URLs, untar_data, fastai_path
 from fastai.data.transforms import GrandparentSplitter, get_image_files, parent_label, Normalize
 from fastai.vision.data import ImageBlock, imagenet_stats
-from fastai.vision.augment import RandomResizedCrop, FlipItem
+from fastai.vision.augment import RandomResizedCrop, FlipItem, Resize, aug_transforms
 from fastai.torch_core import num_cpus
 
 # %% auto #0
-__all__ = ['DATASETS', 'mnist_folder', 'data_folder', 'get_dls']
+__all__ = ['DATASETS', 'MNIST_STATS', 'mnist_folder', 'check_data', 'data_folder', 'data_recipe', 'get_dls']
 
 # %% ../nbs/06_data.ipynb #4db8ae97
 DATASETS = {
@@ -58,28 +58,40 @@ def mnist_folder(dest=None) -> Path:
     return dest
 
 # %% ../nbs/06_data.ipynb #9850d198
-def _check_folder(path):
-    "`path` if it is in Imagenette's layout, else an error that says what is missing"
-    path = Path(path).expanduser()
+def check_data(name_or_path) -> str:
+    "`name_or_path` resolved: 'mnist', a dataset name, or the absolute path of a folder in Imagenette's layout"
+    if name_or_path == 'mnist' or name_or_path in DATASETS: return name_or_path
+    path = Path(name_or_path).expanduser()
     if not path.is_dir():
-        raise ValueError(f"Unknown data {str(path)!r}: not a folder, nor one of {', '.join(['mnist', *DATASETS])}")
+        close = difflib.get_close_matches(str(name_or_path), ['mnist', *DATASETS], n=1)
+        raise ValueError(f"Unknown data {str(name_or_path)!r}: {f'did you mean {close[0]!r}? ' if close else ''}"
+                         f"not a folder, nor one of {', '.join(['mnist', *DATASETS])}")
     for split in ('train', 'val'):
         if not (path/split).is_dir() or not any(p.is_dir() for p in (path/split).iterdir()):
             raise ValueError(f"Folder {str(path)!r} is not in Imagenette's layout: it needs '{split}/' with one folder per class")
-    return path
+    return str(path.resolve())
 
 def data_folder(name_or_path) -> Path:
     "The folder `get_dls` reads `name_or_path` from (a download or a write happens here, the first time)"
+    name_or_path = check_data(name_or_path)
     if name_or_path == 'mnist': return mnist_folder()
-    if name_or_path in DATASETS: return _check_folder(_download(name_or_path))
-    return _check_folder(name_or_path)
+    if name_or_path in DATASETS: return Path(check_data(_download(name_or_path)))
+    return Path(name_or_path)
+
+# %% ../nbs/06_data.ipynb #b2774878
+MNIST_STATS = ([0.1307]*3, [0.3081]*3)
+
+def data_recipe(name_or_path, size=128, min_scale=0.35) -> dict:
+    "The `item_tfms` and `batch_tfms` for `name_or_path`: digits for 'mnist', fastai's Imagenette recipe for photos"
+    if check_data(name_or_path) == 'mnist':
+        return dict(item_tfms=[Resize(size)], batch_tfms=[*aug_transforms(do_flip=False, max_rotate=10, max_zoom=1.1, max_lighting=0,
+                                                                         max_warp=0, p_affine=0.75), Normalize.from_stats(*MNIST_STATS)])
+    return dict(item_tfms=[RandomResizedCrop(size, min_scale=min_scale), FlipItem(0.5)], batch_tfms=[Normalize.from_stats(*imagenet_stats)])
 
 @delegates(DataBlock.dataloaders)
 def get_dls(name_or_path='mnist', size=128, bs=64, min_scale=0.35, num_workers=None, **kwargs):
-    "fastai `DataLoaders` for `name_or_path` with the recipe of fastai's Imagenette example"
+    "fastai `DataLoaders` for `name_or_path`, with its recipe (`data_recipe`)"
     path = data_folder(name_or_path)
     dblock = DataBlock(blocks=(ImageBlock, CategoryBlock), splitter=GrandparentSplitter(valid_name='val'),
-                       get_items=get_image_files, get_y=parent_label,
-                       item_tfms=[RandomResizedCrop(size, min_scale=min_scale), FlipItem(0.5)],
-                       batch_tfms=[Normalize.from_stats(*imagenet_stats)])
+                       get_items=get_image_files, get_y=parent_label, **data_recipe(name_or_path, size, min_scale))
     return dblock.dataloaders(path, path=path, bs=bs, num_workers=min(8, num_cpus()) if num_workers is None else num_workers, **kwargs)

@@ -15,7 +15,7 @@ from fastai.callback.core import Callback
 from fastai.torch_core import find_bs
 
 # %% auto #0
-__all__ = ['PHASES', 'SPLITS', 'OUTCOMES', 'phase_times', 'CudaEvents', 'BatchTimer']
+__all__ = ['PHASES', 'SPLITS', 'OUTCOMES', 'PHASE_COLORS', 'phase_times', 'CudaEvents', 'BatchTimer']
 
 # %% ../nbs/03_timing.ipynb #075dd65f
 PHASES = ('data', 'forward', 'loss', 'backward', 'step', 'other')
@@ -302,7 +302,7 @@ def summary(self:BatchTimer,
     return res[res.index.get_level_values('phase').isin(phases)]
 
 # %% ../nbs/03_timing.ipynb #bdbd2fba
-_COLORS = dict(data='#4c72b0', forward='#55a868', loss='#c44e52', backward='#8172b2', step='#ccb974', other='#8c8c8c')
+PHASE_COLORS = dict(data='#4c72b0', forward='#55a868', loss='#c44e52', backward='#8172b2', step='#ccb974', other='#8c8c8c')
 
 @patch
 def plot(self:BatchTimer,
@@ -323,7 +323,7 @@ def plot(self:BatchTimer,
                            gridspec_kw=dict(width_ratios=[3, 1]))
     for (tl,dist),split in zip(axs, splits):
         d = df[df.split == split].reset_index(drop=True)
-        tl.stackplot(d.index, *[d[f'{pre}{p}_ms'] for p in PHASES], labels=PHASES, colors=[_COLORS[p] for p in PHASES], step='mid')
+        tl.stackplot(d.index, *[d[f'{pre}{p}_ms'] for p in PHASES], labels=PHASES, colors=[PHASE_COLORS[p] for p in PHASES], step='mid')
         for i in d.index[(d.epoch.diff() != 0) & (d.index > 0)]: tl.axvline(i - .5, color='k', ls='--', lw=.8)
         for i in d.index[d.iter < warmup]: tl.axvspan(i - .5, i + .5, color='k', alpha=.08, lw=0)
         tl.set(title=f'{split}: time per batch ({clock})', xlabel='batch', ylabel='ms', xlim=(-.5, len(d) - .5))

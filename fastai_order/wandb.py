@@ -6,7 +6,9 @@ Docs: https://fastai-order.github.io/fastai_order/wandb.html.md"""
 
 # %% ../nbs/03b_wandb.ipynb #dcf771b3
 from __future__ import annotations
-import time
+import functools, os, random, time
+from contextlib import contextmanager
+import numpy as np, torch
 from fastcore.basics import init_args
 from fastcore.foundation import L
 from fastai.learner import Learner
@@ -18,7 +20,8 @@ try:
 except ImportError: wandb = fastai_wandb = None
 
 # %% auto #0
-__all__ = ['WANDB_CALLBACK_FIXED', 'wandb_config_bug', 'fix_wandb_callback', 'TimingLog']
+__all__ = ['WANDB_CALLBACK_FIXED', 'WANDB_RANDOMNESS_FIXED', 'wandb_config_bug', 'fix_wandb_callback', 'random_state_kept',
+           'fix_wandb_randomness', 'check_wandb_login', 'TimingLog']
 
 # %% ../nbs/03b_wandb.ipynb #bb1a604e
 def wandb_config_bug() -> bool:
@@ -56,6 +59,36 @@ def fix_wandb_callback() -> bool:
     return True
 
 WANDB_CALLBACK_FIXED = fix_wandb_callback()
+
+# %% ../nbs/03b_wandb.ipynb #d130648c
+@contextmanager
+def random_state_kept():
+    "Leave the random number generators of Python, NumPy and torch (CPU and CUDA) as they were before the block"
+    py, nps = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+        try: yield
+        finally: random.setstate(py); np.random.set_state(nps)
+
+def fix_wandb_randomness() -> bool:
+    "Make `WandbCallback.before_fit` leave every random number generator as it found it; returns whether it changed it"
+    if fastai_wandb is None or getattr(fastai_wandb.WandbCallback.before_fit, 'keeps_random_state', False): return False
+    before_fit = fastai_wandb.WandbCallback.before_fit
+    @functools.wraps(before_fit)
+    def _before_fit(self):
+        with random_state_kept(): return before_fit(self)
+    _before_fit.keeps_random_state = True
+    fastai_wandb.WandbCallback.before_fit = _before_fit
+    return True
+
+WANDB_RANDOMNESS_FIXED = fix_wandb_randomness()
+
+# %% ../nbs/03b_wandb.ipynb #f1380e21
+def check_wandb_login():
+    "Raise a one-line `ValueError` when W&B cannot log: no wandb package, or no API key while online"
+    if wandb is None: raise ValueError("W&B logging needs the wandb package: pip install wandb")
+    if os.environ.get('WANDB_MODE', '').lower() in ('offline', 'disabled', 'dryrun'): return
+    if not wandb.login(prompt=False): raise ValueError(
+        "W&B logging needs an API key: run `wandb login` or set WANDB_API_KEY, or log offline with WANDB_MODE=offline (and `wandb sync` later)")
 
 # %% ../nbs/03b_wandb.ipynb #e964e0ec
 class TimingLog:

@@ -58,7 +58,7 @@ def test_a_failed_download_names_the_url_and_the_way_out(fastai_home, monkeypatc
 
 
 def test_bad_data_is_named(tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown data 'imagenet': not a folder, nor one of mnist, imagenette-160"): get_dls('imagenet')
+    with pytest.raises(ValueError, match=r"Unknown data 'imagenet': did you mean 'imagenette'\? not a folder, nor one of mnist, imagenette-160"): get_dls('imagenet')
     (tmp_path/'train'/'a').mkdir(parents=True)
     with pytest.raises(ValueError, match=r"not in Imagenette's layout: it needs 'val/'"): get_dls(tmp_path)
     assert set(DATASETS) == {'imagenette-160', 'imagenette-320', 'imagenette', 'imagewoof-160', 'imagewoof-320', 'imagewoof'}

@@ -1,5 +1,6 @@
 "`optimize_order` on random conv stacks and on the models users have: the result computes what the original does, in place keeps what a Learner trains, bad cases are refused."
 import copy
+from types import SimpleNamespace
 import pytest, torch, torch.nn as nn, torchvision
 from hypothesis import given, settings, strategies as st, HealthCheck
 from fastai.layers import ConvLayer
@@ -133,3 +134,48 @@ def test_channels_last_can_be_forced_and_is_reported():
     assert set(r.speedups) == {'reorder', 'channels_last', 'total'} and 'channels_last' in r.title
     r = optimize_order(nn.Sequential(nn.Conv1d(3, 3, 3), nn.ReLU(), nn.MaxPool1d(2)), channels_last=True, reps=0)
     assert r.channels_last is None and 'does not apply' in r.title
+
+
+def _learner(model): return Learner(synthetic_dls(n=32, bs=16), model, loss_func=nn.CrossEntropyLoss())
+
+NEEDS_MODULE = "optimize_order needs an nn.Module (for a fastai Learner call `learn.optimize_order(...)`), got "
+NEEDS_TENSOR = "`example` must be a tensor batch of inputs for `model` (N×C×L, N×C×H×W or N×C×D×H×W for 1-, 2- or 3-D convs) or None, got a "
+
+@pytest.mark.parametrize('call, exc, msg', [
+    (lambda m, l: optimize_order(None), TypeError, NEEDS_MODULE + "None (NoneType)"),
+    (lambda m, l: optimize_order(l), TypeError, "(for a fastai Learner call `learn.optimize_order(...)`), got <fastai.learn"),
+    (lambda m, l: plan_rewrites(None), TypeError, "plan_rewrites needs an nn.Module, got None (NoneType)"),
+    (lambda m, l: optimize_order(m, 'test'), ValueError, "`mode` must be 'train' or 'eval', got 'test'"),
+    (lambda m, l: optimize_order(m, example=torch.randn(2, 3, 8, 8).tolist()), TypeError, NEEDS_TENSOR + "list"),
+    (lambda m, l: optimize_order(m, example=torch.randn(2, 3, 8, 8).numpy(), inplace=True), TypeError, NEEDS_TENSOR + "ndarray"),
+    (lambda m, l: optimize_order(m, reps=-1), ValueError, "`reps` must be an integer ≥ 0, got -1"),
+    (lambda m, l: optimize_order(m, reps=1.5), ValueError, "`reps` must be an integer ≥ 0, got 1.5"),
+    (lambda m, l: optimize_order(m, reps=True), ValueError, "`reps` must be an integer ≥ 0, got True"),
+    (lambda m, l: optimize_order(m, tol=-1, inplace=True), ValueError, "`tol` must be a number ≥ 0, got -1"),
+    (lambda m, l: optimize_order(m, tol=float('nan')), ValueError, "`tol` must be a number ≥ 0, got nan"),
+    (lambda m, l: optimize_order(m, tol='1e-4'), ValueError, "`tol` must be a number ≥ 0, got '1e-4'"),
+    (lambda m, l: optimize_order(m, grad_tol=-1), ValueError, "`grad_tol` must be a number ≥ 0, got -1"),
+    (lambda m, l: optimize_order(m, inplace='yes'), TypeError, "`inplace` must be True or False, got 'yes'"),
+    (lambda m, l: optimize_order(m, channels_last='yes'), TypeError, "`channels_last` must be None, True or False, got 'yes'"),
+    (lambda m, l: l.optimize_order('test'), ValueError, "`mode` must be 'train' or 'eval', got 'test'"),
+    (lambda m, l: l.optimize_order(reps=-1), ValueError, "`reps` must be an integer ≥ 0, got -1"),
+    (lambda m, l: l.optimize_order(tol=-1), ValueError, "`tol` must be a number ≥ 0, got -1"),
+    (lambda m, l: l.optimize_order(channels_last=1.5), TypeError, "`channels_last` must be None, True or False, got 1.5"),
+])
+def test_bad_arguments_are_named_before_anything_is_copied(monkeypatch, call, exc, msg):
+    import fastai_order.optimize as opt
+    m = ordered_cnn(3, 4, (8,), order='conv-bn-act-pool')
+    learn = _learner(m)
+    state, structure, optim = {k: v.clone() for k, v in m.state_dict().items()}, str(m), learn.opt
+    def no_copy(_): raise AssertionError('the model was copied before the arguments were checked')
+    monkeypatch.setattr(opt, 'copy', SimpleNamespace(deepcopy=no_copy))
+    with pytest.raises(exc) as e: call(m, learn)
+    assert msg in str(e.value)
+    assert str(m) == structure and learn.model is m and learn.opt is optim
+    assert m.state_dict().keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+
+
+def test_zero_tolerances_ask_for_bit_exact_rewrites():
+    r = optimize_order(ordered_cnn(3, 4, (8,), order='conv-bn-act-pool'), example=torch.randn(4, 3, 16, 16),
+                       channels_last=False, tol=0, grad_tol=0, reps=0)
+    assert len(r.rows) == 1 and r.error == 0 and r.grad_error == 0

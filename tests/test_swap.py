@@ -1,4 +1,4 @@
-import pytest, torch
+import re, pytest, torch
 from torch import nn
 import fastai.vision.models.xresnet as fxr
 from fastai.layers import ConvLayer
@@ -153,3 +153,38 @@ def test_any_swap_keeps_tensors_and_swapping_back_restores_the_function(order, n
     assert m(x).shape == y.shape
     swap_order(m, 'resnet_pool_drop')
     assert torch.equal(m(x), y)
+
+
+def _learner(tmp_path, model):
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 4, (16,))
+    return Learner(DataLoaders.from_dsets(list(zip(x, y)), list(zip(x[:8], y[:8])), bs=8), model, CrossEntropyLossFlat(), path=tmp_path)
+
+NEEDS_MODULE = "swap_order needs an nn.Module (for a fastai Learner call `learn.swap_order(...)`), got "
+
+@pytest.mark.parametrize('call, exc, msg', [
+    (lambda m, l: swap_order(None, 'bn_after'), TypeError, NEEDS_MODULE + "None (NoneType)"),
+    (lambda m, l: swap_order(l, 'bn_after'), TypeError, "(for a fastai Learner call `learn.swap_order(...)`), got <fastai.learn"),
+    (lambda m, l: swap_order(m.state_dict(), 'bn_after'), TypeError, NEEDS_MODULE + "OrderedDict("),
+    (lambda m, l: swap_order(m, 'bn_afer'), ValueError, "Unknown op 'bn_afer' in order 'bn_afer': did you mean 'bn_after'?"),
+    (lambda m, l: swap_order(m, None), TypeError, "Cannot make a LayerOrder from None (NoneType); give a string such as 'conv-bn-act'"),
+    (lambda m, l: swap_order(m, 3), TypeError, "Cannot make a LayerOrder from 3 (int)"),
+    (lambda m, l: swap_order(m, 'bn_after', absorb='no'), TypeError, "`absorb` must be True or False, got 'no'"),
+    (lambda m, l: swap_order(m, 'bn_after', absorb=None), TypeError, "`absorb` must be True or False, got None"),
+    (lambda m, l: l.swap_order('bn_afer'), ValueError, "did you mean 'bn_after'?"),
+    (lambda m, l: l.swap_order('bn_after', absorb='no'), TypeError, "`absorb` must be True or False, got 'no'"),
+    (lambda m, l: swap_order(m, 'resnet').paths('done'), ValueError, "`status` must be 'rewritten', 'unchanged' or 'skipped', got 'done'"),
+])
+def test_bad_arguments_are_named_and_nothing_changes(tmp_path, call, exc, msg):
+    m = ordered_cnn(n_out=4, widths=(8, 16), p=0.1)
+    learn = _learner(tmp_path, m)
+    state, structure = {k: v.clone() for k, v in m.state_dict().items()}, str(m)
+    with pytest.raises(exc) as e: call(m, learn)
+    assert msg in str(e.value)
+    assert str(m) == structure and learn.model is m
+    assert m.state_dict().keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+
+
+def test_learner_without_a_model_is_named(tmp_path):
+    learn = _learner(tmp_path, ordered_cnn(n_out=4, widths=(8,)))
+    learn.model = None
+    with pytest.raises(TypeError, match=re.escape(NEEDS_MODULE + "None (NoneType)")): learn.swap_order('bn_after')
