@@ -1,3 +1,30 @@
+"Shared test helpers: a small Imagenette-shaped folder, and the warnings filter."
+import numpy as np, pytest
+from PIL import Image
+
+WNIDS = ['n01440764', 'n02102040', 'n02979186']   # tench, English springer, cassette player
+
+
+def imagenette_like(root, n_train=6, n_val=2):
+    "A small Imagenette-shaped folder: train/ and val/, a folder per WordNet id, JPEGs of varied sizes"
+    rng = np.random.default_rng(0)
+    for split, n in (('train', n_train), ('val', n_val)):
+        for c, wnid in enumerate(WNIDS):
+            (root/split/wnid).mkdir(parents=True)
+            for i in range(n):
+                h, w = rng.integers(40, 90, size=2)
+                img = (rng.random((h, w, 3)) * 60 + 60 * c).astype(np.uint8)   # each class its own brightness
+                Image.fromarray(img).save(root/split/wnid/f'{wnid}_{i}.JPEG', quality=90)
+    return root
+
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory):
+    "A tiny Imagenette-shaped folder, 3 classes × (8 train, 4 val) images, shared by the tests that train"
+    return imagenette_like(tmp_path_factory.mktemp('data')/'tiny', n_train=8, n_val=4)
+
+
 def pytest_configure(config):
     "Silence third-party deprecation noise that says nothing about this package"
     for f in ["ignore:`torch.jit.script` is deprecated:FutureWarning",

@@ -3,23 +3,8 @@ import numpy as np, pytest, torch
 from PIL import Image
 from fastai.data.external import fastai_cfg
 import fastai_order.data as data
-from fastai_order.data import get_dls, mnist_folder, DATASETS
-
-WNIDS = ['n01440764', 'n02102040', 'n02979186']   # tench, English springer, cassette player
-
-
-def imagenette_like(root, n_train=6, n_val=2):
-    "A small Imagenette-shaped folder: train/ and val/, a folder per WordNet id, JPEGs of varied sizes"
-    rng = np.random.default_rng(0)
-    for split, n in (('train', n_train), ('val', n_val)):
-        for c, wnid in enumerate(WNIDS):
-            (root/split/wnid).mkdir(parents=True)
-            for i in range(n):
-                h, w = rng.integers(40, 90, size=2)
-                img = (rng.random((h, w, 3)) * 60 + 60 * c).astype(np.uint8)   # each class its own brightness
-                Image.fromarray(img).save(root/split/wnid/f'{wnid}_{i}.JPEG', quality=90)
-    return root
-
+from fastai_order.data import get_dls, mnist_folder, DATASETS, data_recipe
+from conftest import imagenette_like, WNIDS
 
 @pytest.fixture
 def fastai_home(tmp_path, monkeypatch):
@@ -74,3 +59,10 @@ def test_mnist_is_written_once_in_imagenettes_layout(tmp_path):
     stamp = (folder/'train'/'0'/'0000.png').stat().st_mtime_ns
     assert mnist_folder(tmp_path/'mnist') == folder and (folder/'train'/'0'/'0000.png').stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == ['mnist']   # no temporary folder left behind
+
+
+def test_digits_are_never_flipped_or_cropped():
+    tfms = data_recipe('mnist', 28)
+    names = [type(t).__name__ for t in tfms['item_tfms'] + tfms['batch_tfms']]
+    assert 'FlipItem' not in names and 'RandomResizedCrop' not in names and 'Flip' not in names
+    assert [type(t).__name__ for t in data_recipe('imagenette-160')['item_tfms']] == ['RandomResizedCrop', 'FlipItem']
