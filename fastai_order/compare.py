@@ -70,7 +70,7 @@ def compare_orders(orders=('resnet', 'bn_after', 'pool_before_bn'), config:RunCo
     res = Comparison(runs_table(records), [c.order for c in full[:len(full)//seeds]], config=config.key)
     if only is None:
         with folder.lock():
-            res.runs.to_csv(folder.path/'results.csv', index=False)
+            folder.write_table(res.runs)
             res.save(folder.path)
     return res
 

@@ -109,6 +109,10 @@ class RunsFolder:
         "Write the record of finished run `cfg`"
         _write_atomic(self.run_file(cfg), json.dumps(record, indent=1))
 
+    def write_table(self, runs:pd.DataFrame):
+        "Write `results.csv`, one row per run, atomically"
+        _write_atomic(self.path/'results.csv', runs.to_csv(index=False))
+
     def status(self, cfg:RunConfig) -> str:
         "'done', 'to train', 'training elsewhere' or 'bad file: …' for run `cfg`; takes no lock"
         try: done = self.read(cfg) is not None
