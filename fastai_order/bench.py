@@ -97,7 +97,7 @@ def bench(
 ):
     "Paired train-step times of `ordered_xresnet(arch, order)` against fastai's `arch`, on CPU"
     check_choice('arch', arch, XRESNET_ARCHS)
-    for k in ('bs', 'size', 'steps', 'repeats'): check_int(k, locals()[k])
+    for k, v in dict(bs=bs, size=size, steps=steps, repeats=repeats).items(): check_int(k, v)
     check_int('threads', threads, none_ok=True)
     orders = [LayerOrder(o) for o in orders.split(',')]
     if threads: torch.set_num_threads(threads)
@@ -238,7 +238,7 @@ def timing_bench(
 ):
     "Overhead of `BatchTimer` and `LayerTimer` on `arch`'s train steps, and phase shares of `orders` on a small CNN"
     check_choice('arch', arch, XRESNET_ARCHS)
-    for k in ('bs', 'size', 'batches', 'repeats'): check_int(k, locals()[k])
+    for k, v in dict(bs=bs, size=size, batches=batches, repeats=repeats).items(): check_int(k, v)
     check_int('threads', threads, none_ok=True)
     orders = [str(LayerOrder(o)) for o in orders.split(',')]   # checked before any benchmark runs
     if cuda and not torch.cuda.is_available(): raise ValueError("--cuda needs CUDA, which is not available here")
@@ -345,7 +345,7 @@ def optimize_bench(
     compile:store_true=False, # also compare the original and optimized models under torch.compile (slow: compiles each)
 ):
     "Speed-ups of `optimize_order` in evaluation (vs the original and vs torch.fx fuse), in training (the CNN) and under torch.compile"
-    for k in ('bs', 'size', 'train_bs', 'train_size', 'repeats'): check_int(k, locals()[k])
+    for k, v in dict(bs=bs, size=size, train_bs=train_bs, train_size=train_size, repeats=repeats).items(): check_int(k, v)
     check_int('threads', threads, none_ok=True)
     named = optimize_models(models)
     if threads: torch.set_num_threads(threads)

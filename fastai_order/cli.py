@@ -6,11 +6,12 @@ Docs: https://fastai-order.github.io/fastai_order/cli.html.md"""
 
 # %% ../nbs/00a_cli.ipynb #3e8d2cbb
 from __future__ import annotations
-import difflib
+import difflib, numbers, reprlib
 from contextlib import contextmanager
+from torch import nn
 
 # %% auto #0
-__all__ = ['cli_errors', 'check_choice', 'check_int']
+__all__ = ['cli_errors', 'check_choice', 'check_int', 'check_number', 'check_module']
 
 # %% ../nbs/00a_cli.ipynb #b555b33a
 @contextmanager
@@ -28,7 +29,17 @@ def check_choice(name:str, v, allowed):
     raise ValueError(f"Unknown {name} {v!r}: {f'did you mean {close[0]!r}? ' if close else ''}allowed: {', '.join(map(str, allowed))}")
 
 def check_int(name:str, v, lo:int=1, none_ok:bool=False):
-    "`v` if it is an integer ≥ `lo` (or `None` when `none_ok`), else a `ValueError` naming it"
+    "`v` as an `int` if it is an integer ≥ `lo` (or `None` when `none_ok`), else a `ValueError` naming it"
     if none_ok and v is None: return v
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo: raise ValueError(f"`{name}` must be an integer ≥ {lo}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo: raise ValueError(f"`{name}` must be an integer ≥ {lo}, got {v!r}")
+    return int(v)
+
+def check_number(name:str, v, lo:float=0):
+    "`v` if it is a real number ≥ `lo` (not NaN), else a `ValueError` naming it"
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= lo: raise ValueError(f"`{name}` must be a number ≥ {lo}, got {v!r}")
     return v
+
+def check_module(model, fn:str, learner:bool=True):
+    "Raise a `TypeError` that names `model` unless it is an `nn.Module` (pointing to `Learner.fn` if `learner`)"
+    hint = f" (for a fastai Learner call `learn.{fn}(...)`)" if learner else ''
+    if not isinstance(model, nn.Module): raise TypeError(f"{fn} needs an nn.Module{hint}, got {reprlib.repr(model)} ({type(model).__name__})")

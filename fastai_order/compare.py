@@ -41,16 +41,17 @@ def comparison_plan(orders, config:RunConfig|None=None, seeds:int=3, only:tuple|
 
 # %% ../nbs/07_compare.ipynb #c2c9ff56
 def _train_missing(folder, grid, group):
-    "Train every run of `grid` not in `folder`: first those no other process holds, then wait for the others"
-    waiting = []
+    "Train every run of `grid` not in `folder`: first those no other process holds, then wait for the others; how many it trained"
+    waiting, trained = [], 0
     for wait, runs in ((False, grid), (True, waiting)):
         for cfg in progress_bar(runs, leave=False):
             if folder.read(cfg) is not None: continue
             lock = folder.claim(cfg, wait)
             if lock is None: waiting.append(cfg); continue
             try:
-                if folder.read(cfg) is None: folder.write(cfg, train_run(cfg, group, folder.path))
+                if folder.read(cfg) is None: folder.write(cfg, train_run(cfg, group, folder.path)); trained += 1
             finally: lock.release()
+    return trained
 
 def compare_orders(orders=('resnet', 'bn_after', 'pool_before_bn'), config:RunConfig|None=None, seeds:int=3, out='order_comparison',
                    only:tuple|None=None, experiment:str|None=None, **settings) -> Comparison:
@@ -62,17 +63,25 @@ def compare_orders(orders=('resnet', 'bn_after', 'pool_before_bn'), config:RunCo
     for cfg in grid: folder.read(cfg)   # a damaged run file stops here
     if config.wandb: check_wandb_login()
     data_folder(config.data)   # a failed download stops here
-    for cfg in grid[:len(set(c.order for c in grid))]: check_builds(cfg)
+    realised = list(dict.fromkeys(c.order for c in comparison_plan(orders, config, 1)))
+    for order in realised: check_builds(config.replace(order=order))
     folder.create(config)
-    _train_missing(folder, grid, experiment or folder.path.resolve().name)
-    full = comparison_plan(orders, config, seeds)
-    records = [r for r in map(folder.read, full) if r is not None]
-    res = Comparison(runs_table(records), [c.order for c in full[:len(full)//seeds]], config=config.key)
+    group = experiment or folder.path.resolve().name
+    trained = _train_missing(folder, grid, group)
+    records = [r for r in map(folder.read, comparison_plan(orders, config, seeds)) if r is not None]
+    res = Comparison(runs_table(records), realised, config=config.key)
     if only is None:
         with folder.lock():
             folder.write_table(res.runs)
             res.save(folder.path)
+        if config.wandb and trained: _wandb_summary(res, group, folder.path)   # once per call that trained something
     return res
+
+def _wandb_summary(res, group, log_dir):
+    "Log the statistics table as its own run in the comparison's W&B group"
+    import wandb
+    with wandb.init(project='fastai_order', group=group, name='summary', job_type='order-summary', dir=log_dir, reinit='finish_previous') as run:
+        run.log({'order_stats': wandb.Table(dataframe=res.stats)})
 
 # %% ../nbs/07_compare.ipynb #8fe2cc3d
 def _parse_run(run):

@@ -11,7 +11,8 @@ import pandas as pd, torch
 from fastcore.basics import patch
 from fastai.callback.core import Callback
 from .layers import module_role
-from .timing import CudaEvents, _PrivateState, _check_in, _check_int, _model_on_cuda
+from .timing import CudaEvents, _PrivateState, _check_in, _model_on_cuda
+from .cli import check_int
 
 # %% auto #0
 __all__ = ['ROLES', 'LayerTimer']
@@ -32,7 +33,7 @@ class LayerTimer(_PrivateState, Callback):
         warmup:int=2, # batches of each split and epoch not timed (allocations, caches)
         clock:str|CudaEvents='auto', # 'auto' (device events when the model is on CUDA), 'host', or a `CudaEvents`
     ):
-        self.warmup = _check_int('warmup', warmup, 0)
+        self.warmup = check_int('warmup', warmup, 0)
         if not (clock in ('auto', 'host') or isinstance(clock, CudaEvents)):
             raise ValueError(f"`clock` must be 'auto', 'host' or a `CudaEvents`, got {clock!r}")
         self.clock,self.paths,self.ns,self.batches = clock,[],{},{}

@@ -6,7 +6,7 @@ Docs: https://fastai-order.github.io/fastai_order/optimize.html.md"""
 
 # %% ../nbs/04a_optimize.ipynb #4af1e04d
 from __future__ import annotations
-import copy, time, statistics, numbers, reprlib
+import copy, time, statistics
 from collections import Counter
 import torch, torch.nn as nn, torch.fx as fx
 import pandas as pd
@@ -15,6 +15,7 @@ from fastcore.basics import patch, store_attr
 from fastai.learner import Learner
 from .swap import BLOCK_TYPES
 from .commute import ACTIVATIONS, conditions_of, _search, _steps, _cheapest, _cost, _check_mode
+from .cli import check_module, check_number, check_int
 
 # %% auto #0
 __all__ = ['op_name', 'plan_rewrites', 'OptimizeReport', 'optimize_order']
@@ -92,14 +93,9 @@ def _pool_factor(group):
     s = pool.stride if isinstance(pool.stride, (tuple, list)) else [pool.stride] * len(ops['conv'].kernel_size)
     return float(torch.tensor(s).prod())
 
-def _check_module(model, fn, learner=True):
-    "Raise a `TypeError` that names `model` unless it is an `nn.Module` (pointing to `Learner.fn` if `learner`)"
-    hint = f" (for a fastai Learner call `learn.{fn}(...)`)" if learner else ''
-    if not isinstance(model, nn.Module): raise TypeError(f"{fn} needs an nn.Module{hint}, got {reprlib.repr(model)} ({type(model).__name__})")
-
 def plan_rewrites(model, mode='train') -> list:
     "The rewrite of each group of `model` that has a cheaper exact order in `mode` (nothing is changed)"
-    _check_module(model, 'plan_rewrites', learner=False); _check_mode(mode)
+    check_module(model, 'plan_rewrites', learner=False); _check_mode(mode)
     return [p for c in _chains(model) for g in _groups(c, mode) if (p := _Plan(g, mode, _pool_factor(g))).changed]
 
 # %% ../nbs/04a_optimize.ipynb #afa99b86
@@ -256,11 +252,6 @@ def _example(model):
     nd = len(conv.kernel_size)
     return torch.randn(8, conv.in_channels, *[{1: 256, 2: 64, 3: 16}[nd]] * nd, device=conv.weight.device, dtype=conv.weight.dtype)
 
-def _check_number(name, v, integer=False):
-    "Raise a `ValueError` that names `v` unless it is a number (an integer if `integer`) ≥ 0"
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral if integer else numbers.Real) or not v >= 0:
-        raise ValueError(f"`{name}` must be {'an integer' if integer else 'a number'} ≥ 0, got {v!r}")
-
 def optimize_order(
     model, # any `nn.Module` torch.fx can trace
     mode='train', # 'train': only rewrites exact in training; 'eval': BN folding and dropout removal too
@@ -272,13 +263,13 @@ def optimize_order(
     reps=5, # timed calls of each variant (0: no timing)
 ) -> OptimizeReport:
     "Rewrite `model` (a copy, or itself if `inplace`) to its cheapest exactly equivalent order in `mode`, checked on `example`"
-    _check_module(model, 'optimize_order'); _check_mode(mode)   # every argument is checked before `model` is copied
+    check_module(model, 'optimize_order'); _check_mode(mode)   # every argument is checked before `model` is copied
     if example is not None and not isinstance(example, torch.Tensor): raise TypeError(
         f"`example` must be a tensor batch of inputs for `model` (N×C×L, N×C×H×W or N×C×D×H×W for 1-, 2- or 3-D convs) or None, "
         f"got a {type(example).__name__}")
     if inplace not in (True, False): raise TypeError(f"`inplace` must be True or False, got {inplace!r}")
     if channels_last not in (None, True, False): raise TypeError(f"`channels_last` must be None, True or False, got {channels_last!r}")
-    _check_number('tol', tol); _check_number('grad_tol', grad_tol); _check_number('reps', reps, integer=True)
+    check_number('tol', tol); check_number('grad_tol', grad_tol); check_int('reps', reps, 0)
     x = _example(model) if example is None else example
     new = copy.deepcopy(model)
     plans, moved, errors = _rewrite(new, mode, x)

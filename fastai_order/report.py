@@ -13,7 +13,7 @@ import scipy.stats
 import matplotlib.pyplot as plt
 from fastcore.basics import store_attr
 from .timing import PHASES, PHASE_COLORS
-from .results import CONTEXT_TYPES
+from .run import CONTEXT_TYPES
 
 # %% auto #0
 __all__ = ['BUSY', 'mean_ci', 'gmean_ci', 'welch', 'welch_ratio', 'order_stats', 'Comparison']

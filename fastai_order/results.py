@@ -11,17 +11,12 @@ from dataclasses import asdict
 from pathlib import Path
 import pandas as pd
 from filelock import FileLock, Timeout
-from .run import RunConfig
+from .run import RunConfig, RESULT_TYPES, CONTEXT_TYPES
 
 # %% auto #0
-__all__ = ['RESULT_TYPES', 'CONTEXT_TYPES', 'BadRun', 'check_record', 'RunsFolder', 'runs_table']
+__all__ = ['BadRun', 'check_record', 'RunsFolder', 'runs_table']
 
 # %% ../nbs/06b_results.ipynb #7be3dbe2
-RESULT_TYPES = dict(accuracy=float, valid_loss=float, train_loss=float, train_ms=float, valid_ms=float, samples_per_s=float,
-                    params=int, peak_memory_mb=float, fit_s=float, layer_orders=dict)
-CONTEXT_TYPES = dict(device=str, cpu=str, cores=int, threads=int, python=str, torch_version=str, fastai_version=str,
-                     cuda_version=str, clock=str, other_load=float)
-
 class BadRun(ValueError):
     "A run file that cannot be counted"
 
@@ -38,8 +33,7 @@ def check_record(record, cfg:RunConfig) -> dict:
     diff = [f"{k}: {got.get(k)!r} in the file, {v!r} here" for k, v in want.items() if k != 'wandb' and got.get(k) != v]
     if diff: raise BadRun(f"a run of another configuration ({'; '.join(diff)})")
     res = record['results']
-    phases = {f'{s}_{p}_ms': float for s in ('train', 'valid') for p in ('data', 'forward', 'loss', 'backward', 'step', 'other')}
-    for part, types in (('results', {**RESULT_TYPES, **phases}), ('context', CONTEXT_TYPES)):
+    for part, types in (('results', RESULT_TYPES), ('context', CONTEXT_TYPES)):
         for k, t in types.items():
             if k not in record[part]: raise BadRun(f"no {k!r} in its {part}")
             if not _type_ok(record[part][k], t): raise BadRun(f"{part} {k!r} is {record[part][k]!r}, not a {t.__name__}")

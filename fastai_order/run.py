@@ -22,8 +22,8 @@ from .wandb import check_wandb_login
 from .cli import check_choice, check_int
 
 # %% auto #0
-__all__ = ['ARCHS', 'BACKENDS', 'PRECISIONS', 'POOLS', 'RunConfig', 'layer_orders', 'build_model', 'check_builds', 'run_learner',
-           'run_context', 'OtherLoad', 'train_run']
+__all__ = ['ARCHS', 'BACKENDS', 'PRECISIONS', 'POOLS', 'RESULT_TYPES', 'CONTEXT_TYPES', 'RunConfig', 'layer_orders',
+           'build_model', 'check_builds', 'run_learner', 'run_context', 'OtherLoad', 'train_run']
 
 # %% ../nbs/06a_run.ipynb #cfb51ee5
 ARCHS = ('cnn', *XRESNET_ARCHS)
@@ -150,6 +150,12 @@ class OtherLoad:
         self.share = max(0., (m1 - m0) - (o1 - o0)) / max(1e-9, (time.perf_counter() - self.wall) * os.cpu_count())
 
 # %% ../nbs/06a_run.ipynb #ae2802f0
+RESULT_TYPES = dict(accuracy=float, valid_loss=float, train_loss=float, train_ms=float, valid_ms=float, samples_per_s=float,
+                    params=int, peak_memory_mb=float, fit_s=float, layer_orders=dict,
+                    **{f'{split}_{p}_ms': float for split in ('train', 'valid') for p in PHASES})
+CONTEXT_TYPES = dict(device=str, cpu=str, cores=int, threads=int, python=str, torch_version=str, fastai_version=str,
+                     cuda_version=str, clock=str, other_load=float)
+
 def _peak_memory_mb(device):
     "Peak memory in MB: CUDA's peak allocation on a GPU, else the process's peak resident set"
     if device.type == 'cuda': return torch.cuda.max_memory_allocated(device) / 2**20

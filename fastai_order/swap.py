@@ -6,7 +6,6 @@ Docs: https://fastai-order.github.io/fastai_order/swap.html.md"""
 
 # %% ../nbs/02_swap.ipynb #39a779ae
 from __future__ import annotations
-import reprlib
 from collections import OrderedDict
 import pandas as pd
 from torch import nn
@@ -16,6 +15,7 @@ from fastai.layers import ConvLayer
 from torchvision.ops.misc import ConvNormActivation
 from .order import LayerOrder
 from .layers import OrderedConvLayer, block_roles, module_role
+from .cli import check_module
 
 # %% auto #0
 __all__ = ['BLOCK_TYPES', 'SwapReport', 'swap_order']
@@ -113,14 +113,9 @@ def _apply(block, roles, new, absorbed):
     for parent, key, _ in absorbed.values(): parent._modules[key] = nn.Identity().train(parent.training)
 
 # %% ../nbs/02_swap.ipynb #86f09c9a
-def _check_module(model, fn, learner=True):
-    "Raise a `TypeError` that names `model` unless it is an `nn.Module` (pointing to `Learner.fn` if `learner`)"
-    hint = f" (for a fastai Learner call `learn.{fn}(...)`)" if learner else ''
-    if not isinstance(model, nn.Module): raise TypeError(f"{fn} needs an nn.Module{hint}, got {reprlib.repr(model)} ({type(model).__name__})")
-
 def swap_order(model, order, absorb=True) -> SwapReport:
     "Put every conv block of `model` in `order`, in place, keeping its parameter and buffer tensors"
-    _check_module(model, 'swap_order')
+    check_module(model, 'swap_order')
     if absorb not in (True, False): raise TypeError(f"`absorb` must be True or False, got {absorb!r}")
     order = LayerOrder(order)
     plans = _plan(model, order, absorb)   # raises, before anything changes, if an order would break the model

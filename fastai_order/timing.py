@@ -13,6 +13,7 @@ import numpy as np, pandas as pd, torch
 from fastcore.basics import patch
 from fastai.callback.core import Callback
 from fastai.torch_core import find_bs
+from .cli import check_int
 
 # %% auto #0
 __all__ = ['PHASES', 'SPLITS', 'OUTCOMES', 'PHASE_COLORS', 'phase_times', 'CudaEvents', 'BatchTimer']
@@ -89,11 +90,6 @@ class _Rows:
     def array(self): return self.a[:self.n] if self.n <= self.cap else np.roll(self.a, -(self.n % self.cap), 0)
 
 # %% ../nbs/03_timing.ipynb #677df3d3
-def _check_int(name, v, lo):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise ValueError(f"`{name}` must be an integer ≥ {lo}, got {v!r}")
-    return int(v)
-
 def _check_in(name, vals, allowed):
     bad = [v for v in vals if v not in allowed]
     if bad: raise ValueError(f"Unknown {name} {', '.join(map(repr, bad))}: expected one of {', '.join(map(repr, allowed))}")
@@ -124,7 +120,7 @@ class BatchTimer(_PrivateState, Callback):
         clock:str|CudaEvents='auto', # 'auto' (device events when the model is on CUDA), 'host', 'cuda', or a `CudaEvents`
         wandb_every:float|None=0.5, # seconds between W&B logs when a run is active; `None` turns W&B logging off
     ):
-        self.warmup,self.max_rows = _check_int('warmup', warmup, 0),_check_int('max_rows', max_rows, 1)
+        self.warmup,self.max_rows = check_int('warmup', warmup, 0),check_int('max_rows', max_rows, 1)
         if not (clock in ('auto', 'host', 'cuda') or isinstance(clock, CudaEvents)):
             raise ValueError(f"`clock` must be 'auto', 'host', 'cuda' or a `CudaEvents`, got {clock!r}")
         if wandb_every is not None and not wandb_every > 0: raise ValueError(f"`wandb_every` must be > 0 seconds or None, got {wandb_every!r}")
@@ -278,7 +274,7 @@ def summary(self:BatchTimer,
     phases:list|None=None, # phases to show (`PHASES` and 'total'); `None`: all
 ):
     "Per split and phase: n, mean, std, p50, p90, p99 (ms), total (s), % of the batch total, and samples/s"
-    warmup = self.warmup if warmup is None else _check_int('warmup', warmup, 0)
+    warmup = self.warmup if warmup is None else check_int('warmup', warmup, 0)
     _check_in('clock', [clock], ('host', 'device'))
     phases = _check_in('phase', phases, PHASES + ('total',)) if phases is not None else list(PHASES) + ['total']
     if self._device: self._resolve(wait=True)
@@ -312,7 +308,7 @@ def plot(self:BatchTimer,
     figsize=None):
     "Per split: stacked per-batch phase times, and each phase's distribution after warm-up"
     import matplotlib.pyplot as plt
-    warmup = self.warmup if warmup is None else _check_int('warmup', warmup, 0)
+    warmup = self.warmup if warmup is None else check_int('warmup', warmup, 0)
     _check_in('clock', [clock], ('host', 'device'))
     if not self.rows.n: raise ValueError("BatchTimer has no batches to plot: fit, validate or get_preds first")
     df,pre = self.df,('device_' if clock == 'device' else '')
