@@ -1,5 +1,6 @@
 "The public API: `from fastai_order.all import *` (not exported from a notebook; edit by hand)."
 from .cli import *
+from .clock import *
 from .order import *
 from .layers import *
 from .swap import *

@@ -6,7 +6,8 @@ Docs: https://fastai-order.github.io/fastai_order/bench.html.md"""
 
 # %% ../nbs/08_bench.ipynb #225b1f52
 from __future__ import annotations
-import time, statistics, ctypes, ctypes.util, warnings, tempfile, io, copy
+import time, timeit, statistics, ctypes, ctypes.util, warnings, tempfile, io, copy
+from dataclasses import dataclass
 from pathlib import Path
 from contextlib import redirect_stdout
 from contextlib import contextmanager
@@ -14,11 +15,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F, torch.nn as nn, torchvision
 from torch.fx.experimental.optimization import fuse
+from torch.utils import benchmark
 from fastcore.script import call_parse, store_true
 from fastprogress.fastprogress import progress_bar
 from fastai.vision.models import xresnet as fxr
 from fastai.data.core import Datasets
 from fastai.learner import Learner
+from fastai.callback.core import Callback
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 import fastai.callback.schedule  # fit_one_cycle
@@ -29,23 +32,24 @@ from .order import LayerOrder, list_presets
 from .layers import ordered_xresnet, ordered_cnn, XRESNET_ARCHS
 from .swap import swap_order
 from .optimize import optimize_order, _rel_err
-from .run import RunConfig, run_learner
+from .run import RunConfig, run_learner, ARCHS, PRECISIONS, BACKENDS
 from .compare import compare_orders, comparison_plan
 from .cli import cli_errors, check_choice, check_int
 
 # %% auto #0
-__all__ = ['synthetic_dls', 'keep_freed_memory', 'time_train_steps', 'compare_train_steps', 'bench', 'timer_overhead',
-           'phase_shares', 'cuda_check', 'runner_overhead', 'timing_bench', 'optimize_models', 'time_eval',
-           'compare_eval', 'eval_speedups', 'compile_speedup', 'train_speedups', 'optimize_bench', 'demo']
+__all__ = ['synthetic_dls', 'keep_freed_memory', 'default_device', 'BenchSetting', 'time_train_steps', 'compare_train_steps',
+           'bench_models', 'bench_settings', 'bench', 'timer_overhead', 'phase_shares', 'cuda_check', 'runner_overhead',
+           'timing_bench', 'optimize_models', 'time_eval', 'compare_eval', 'eval_speedups', 'train_speedups',
+           'optimize_bench', 'demo']
 
 # %% ../nbs/08_bench.ipynb #50c7d5ff
 def synthetic_dls(n=96, bs=16, c_in=3, size=16, n_out=4, seed=0, valid_pct=0.25):
-    "`n` random `c_in`×`size`×`size` images with `n_out` random labels as fastai `DataLoaders` (valid: the first `valid_pct`)"
+    "`n` random `c_in`×`size`×`size` images with `n_out` random labels as fastai `DataLoaders` (valid: the first `valid_pct`), loaded in the main process"
     if not 0 <= valid_pct < 1: raise ValueError(f"`valid_pct` must be in [0, 1), got {valid_pct!r}")
     g = torch.Generator().manual_seed(seed)
     x,y = torch.randn(n, c_in, size, size, generator=g), torch.randint(0, n_out, (n,), generator=g)
     return Datasets(list(zip(x, y)), tfms=[[ItemGetter(0)], [ItemGetter(1)]],
-                    splits=IndexSplitter(range(int(n*valid_pct)))(range(n))).dataloaders(bs=bs)
+                    splits=IndexSplitter(range(int(n*valid_pct)))(range(n))).dataloaders(bs=bs, num_workers=0)   # tensors in memory: workers only cost
 
 # %% ../nbs/08_bench.ipynb #09c3f107
 def keep_freed_memory() -> bool:
@@ -56,68 +60,185 @@ def keep_freed_memory() -> bool:
     return all(mallopt(k, v) == 1 for k,v in ((M_MMAP_THRESHOLD, 32<<20), (M_TRIM_THRESHOLD, 2**31-1), (M_TOP_PAD, 1<<30)))
 
 # %% ../nbs/08_bench.ipynb #eb3a1ec7
-def _train_step(model, opt, x, y):
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step(); opt.zero_grad()
+_DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
 
-def time_train_steps(model, x, y, steps=10):
-    "Seconds per train step (forward, loss, backward, SGD step) of `model` on batch `x`, `y`, averaged over `steps`"
+def default_device() -> str:
+    "'cuda' when torch sees a CUDA GPU, else 'cpu'"
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+@dataclass(frozen=True)
+class BenchSetting:
+    "How models are timed: on `device`, under autocast to `precision`, in channels_last if asked, `torch.compile`d if asked"
+    device:str|None=None # 'cpu', 'cuda' or 'cuda:N'; `None`: CUDA when available, else cpu
+    precision:str='fp32' # 'fp32', or autocast to 'bf16' or 'fp16' (CUDA only)
+    channels_last:bool=False # models and batches in channels_last memory format
+    compile:bool=False # time `torch.compile(model)`
+
+    def __post_init__(self):
+        device = str(self.device or default_device())
+        check_choice('device', device.split(':')[0], ('cpu', 'cuda'))
+        dev = torch.device(device)
+        if dev.type == 'cuda' and not torch.cuda.is_available(): raise ValueError(f"device {device!r} is not available: torch sees no CUDA GPU here; use 'cpu'")
+        if dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} is not available: torch sees {torch.cuda.device_count()} CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count()-1}")
+        check_choice('precision', self.precision, PRECISIONS)
+        if self.precision == 'fp16' and dev.type == 'cpu': raise ValueError(
+            "precision 'fp16' is for CUDA: CPUs have few fp16 kernels, so its times would say nothing; on cpu use 'bf16' or 'fp32'")
+        for k in ('channels_last', 'compile'):
+            if getattr(self, k) not in (True, False): raise ValueError(f"`{k}` must be True or False, got {getattr(self, k)!r}")
+        object.__setattr__(self, 'device', str(dev))
+
+    @classmethod
+    def parse(cls, setting:str, device:str|None=None) -> BenchSetting:
+        "The setting named like 'bf16+channels_last': a precision and/or backends (channels_last, compile, eager) joined by '+'"
+        parts = [check_choice('setting part', p, PRECISIONS + BACKENDS) for p in str(setting).split('+')]
+        precisions = [p for p in parts if p in PRECISIONS]
+        if len(precisions) > 1: raise ValueError(f"Setting {setting!r} names {len(precisions)} precisions: give one of {', '.join(PRECISIONS)}")
+        if {'eager', 'compile'} <= set(parts): raise ValueError(f"Setting {setting!r} asks for both 'eager' and 'compile': give one")
+        return cls(device, *precisions[:1] or ['fp32'], 'channels_last' in parts, 'compile' in parts)
+
+    def __str__(self): return '+'.join([self.precision] * (self.precision != 'fp32' or not (self.channels_last or self.compile))
+                                       + ['channels_last'] * self.channels_last + ['compile'] * self.compile)
+
+    @property
+    def dev(self) -> torch.device: return torch.device(self.device)
+
+    def prepare(self, model:nn.Module) -> nn.Module:
+        "`model` moved to the device, in channels_last if asked (both in place), then `torch.compile`d if asked"
+        model.to(self.dev)
+        if self.channels_last: model.to(memory_format=torch.channels_last)
+        return torch.compile(model) if self.compile else model
+
+    def batch(self, x:torch.Tensor) -> torch.Tensor:
+        "`x` on the device, in channels_last if asked"
+        return x.to(self.dev, memory_format=torch.channels_last if self.channels_last and x.dim() == 4 else torch.preserve_format)
+
+    def autocast(self):
+        "The autocast context of the setting (disabled in fp32)"
+        return torch.autocast(self.dev.type, dtype=_DTYPES[self.precision], enabled=self.precision != 'fp32')
+
+    def clock(self) -> float:
+        "Seconds on the host's clock, once the device has finished what was queued"
+        if self.dev.type == 'cuda': torch.cuda.synchronize(self.dev)
+        return timeit.default_timer()
+
+    def seconds(self, fn, number:int=1) -> float:
+        "Seconds per call of `fn` over `number` calls after a warm-up, with `torch.utils.benchmark.Timer` on the device's clock"
+        return benchmark.Timer('fn()', globals=dict(fn=fn), timer=self.clock, num_threads=torch.get_num_threads()).timeit(number).mean
+
+    def describe(self) -> str:
+        "Where and how: the device's name, the setting, the threads and torch's version"
+        name = torch.cuda.get_device_name(self.dev) if self.dev.type == 'cuda' else 'cpu'
+        return f"{name}, {self}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+# %% ../nbs/08_bench.ipynb #bb5343b7
+def time_train_steps(model, x, y, steps=10, setting:BenchSetting|None=None):
+    "Seconds per train step (forward and loss under `setting`'s autocast, backward, SGD step) of `model` on batch `x`, `y`"
+    setting = setting or BenchSetting(str(x.device))
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    _train_step(model, opt, x, y)   # warm-up: allocations and optimizer state
-    start = time.perf_counter_ns()
-    for _ in range(steps): _train_step(model, opt, x, y)
-    return (time.perf_counter_ns() - start) / steps / 1e9
+    def step():
+        with setting.autocast(): loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step(); opt.zero_grad()
+    return setting.seconds(step, steps)   # after a warm-up: allocations, optimizer state, compilation
 
 # %% ../nbs/08_bench.ipynb #3a1eb185
-def compare_train_steps(models:dict, bs=32, size=64, c_in=3, n_out=10, steps=10, repeats=7, seed=0):
-    "Paired train-step times of `models` (name → model); ratios are to the first model, measured in the same repeat"
+def compare_train_steps(models:dict, bs=32, size=64, c_in=3, n_out=10, steps=10, repeats=7, seed=0, setting:BenchSetting|None=None):
+    "Paired train-step times of `models` (name → model) prepared by `setting`; ratios are to the first model, measured in the same repeat"
+    setting = setting or BenchSetting('cpu')
     torch.manual_seed(seed)
-    x, y = torch.randn(bs, c_in, size, size), torch.randint(0, n_out, (bs,))
+    x, y = setting.batch(torch.randn(bs, c_in, size, size)), torch.randint(0, n_out, (bs,)).to(setting.dev)
+    models = {n: setting.prepare(m) for n,m in models.items()}
     names = list(models)
     times = {n: [] for n in names}
     for r in progress_bar(range(repeats), leave=False):
-        for n in (names if r % 2 == 0 else names[::-1]): times[n].append(time_train_steps(models[n], x, y, steps))
+        for n in (names if r % 2 == 0 else names[::-1]): times[n].append(time_train_steps(models[n], x, y, steps, setting))
     ratios = {n: [a/b for a,b in zip(t, times[names[0]])] for n,t in times.items()}
     return pd.DataFrame([dict(model=n, ms_per_step=1e3*statistics.median(times[n]), ratio=statistics.median(r),
                               ratio_min=min(r), ratio_max=max(r)) for n,r in ratios.items()])
 
 # %% ../nbs/08_bench.ipynb #b76d399a
+def bench_models(arch:str='xresnet18', orders='resnet', n_out:int=10) -> dict:
+    "The models `fastai-order-bench` times, by name, from one seed: fastai's `arch` then `ordered_xresnet(arch, o)`, or for 'cnn' `ordered_cnn` in each of `orders`"
+    check_choice('arch', arch, ARCHS)
+    orders = orders.split(',') if isinstance(orders, str) else list(orders)
+    for o in orders: LayerOrder(o)   # every order checked before a model is built
+    models, given = {}, {}
+    if arch != 'cnn': torch.manual_seed(0); models[f'fastai {arch}'] = getattr(fxr, arch)(n_out=n_out)
+    for o in orders:
+        torch.manual_seed(0)
+        if arch == 'cnn': m = ordered_cnn(3, n_out, (32, 64, 128), order=o); name = f'cnn {m[0].order}'
+        else: m = ordered_xresnet(arch, o, n_out=n_out); name = f'ordered_xresnet {LayerOrder(o)}'
+        if name in given: raise ValueError(f"Orders {given[name]!r} and {o!r} build the same model ({name}): give each order once")
+        models[name], given[name] = m, o
+    return models
+
+def bench_settings(settings:str|None=None, device:str|None=None, precision:str='fp32', channels_last:bool=False, compile:bool=False) -> list:
+    "The `BenchSetting`s of the comma-separated `settings` (e.g. 'fp32,bf16+channels_last,compile') on `device`, or the one the other arguments give"
+    if settings is None: return [BenchSetting(device, precision, channels_last, compile)]
+    if precision != 'fp32' or channels_last or compile: raise ValueError("Give either --settings or --precision/--channels-last/--compile, not both")
+    res = [BenchSetting.parse(s, device) for s in settings.split(',')]
+    if len(set(res)) < len(res): raise ValueError(f"Settings {settings!r} name one setting twice: give each once")
+    return res
+
+# %% ../nbs/08_bench.ipynb #890b070b
 @call_parse
 @cli_errors('fastai-order-bench')
 def bench(
-    arch:str='xresnet18', # fastai XResNet to build
-    orders:str='resnet', # comma-separated orders or presets to time against fastai's model
+    arch:str='xresnet18', # a fastai XResNet (timed against fastai's own), or 'cnn': the thread's CNN (widths 32, 64, 128; timed against the first order)
+    orders:str='resnet', # comma-separated orders or presets
     bs:int=32, # batch size
     size:int=64, # image size in pixels
     steps:int=10, # train steps per timing
     repeats:int=9, # paired repeats (the median ratio is reported)
     threads:int=None, # torch CPU threads (default: torch's)
+    device:str=None, # 'cpu' or 'cuda' (default: CUDA when available, else cpu)
+    precision:str='fp32', # 'fp32', or autocast to 'bf16' or 'fp16' (CUDA only)
+    channels_last:store_true=False, # models and batches in channels_last memory format
+    compile:store_true=False, # time `torch.compile`d models (the warm-up compiles)
+    settings:str=None, # instead of the last three: several settings, comma-separated, e.g. fp32,bf16+channels_last,compile
 ):
-    "Paired train-step times of `ordered_xresnet(arch, order)` against fastai's `arch`, on CPU"
-    check_choice('arch', arch, XRESNET_ARCHS)
+    "Paired train-step times of models in several orders, and their ratios, under one or more settings"
     for k, v in dict(bs=bs, size=size, steps=steps, repeats=repeats).items(): check_int(k, v)
     check_int('threads', threads, none_ok=True)
-    orders = [LayerOrder(o) for o in orders.split(',')]
+    setts = bench_settings(settings, device, precision, channels_last, compile)
+    names = list(bench_models(arch, orders))   # checked before any benchmark runs
     if threads: torch.set_num_threads(threads)
     kept = keep_freed_memory()
-    torch.manual_seed(0); models = {f'fastai {arch}': getattr(fxr, arch)(n_out=10)}
-    for o in orders:
-        torch.manual_seed(0); models[f'ordered_xresnet {o}'] = ordered_xresnet(arch, o, n_out=10)
-    df = compare_train_steps(models, bs=bs, size=size, steps=steps, repeats=repeats)
-    print(f"{arch}, batch {bs}, {size}px, {steps} steps x {repeats} paired repeats, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, malloc keeps freed memory: {kept}")
-    print(df.to_string(index=False, float_format='%.3f'))
+    dfs = []
+    for s in setts:
+        print(f"{arch}, batch {bs}, {size}px, {steps} steps x {repeats} paired repeats, {s.describe()}, malloc keeps freed memory: {kept}")
+        df = compare_train_steps(bench_models(arch, orders), bs=bs, size=size, steps=steps, repeats=repeats, setting=s)
+        print(df.to_string(index=False, float_format='%.3f') + '\n')
+        dfs.append(df.assign(setting=str(s)))
+    df = pd.concat(dfs, ignore_index=True)
+    if len(setts) > 1:
+        print(f"Time ratio to {names[0]!r} (paired medians), by setting:")
+        print(df.pivot(index='model', columns='setting', values='ratio').loc[names, list(map(str, setts))].to_string(float_format='%.2f'))
     return df
 
 # %% ../nbs/08_bench.ipynb #5e47ac3c
 def _timed_fit(learn, cbs):
-    start = time.perf_counter_ns()
+    "Seconds one epoch of `learn` takes, on the clock of the setting `_learner` gave it"
+    clock = getattr(learn, 'setting', BenchSetting('cpu')).clock
+    start = clock()
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cbs)
-    return (time.perf_counter_ns() - start) / 1e9
+    return clock() - start
 
-def _learner(model, dls): return Learner(dls, model, loss_func=CrossEntropyLossFlat())
+class _Autocast(Callback):
+    "Run the forward and the loss under `setting.autocast()` (fastai's `MixedPrecision` autocasts on CUDA only)"
+    def __init__(self, setting): self.setting = setting
+    def before_batch(self): self.ctx = self.setting.autocast(); self.ctx.__enter__()
+    def after_loss(self): self.ctx.__exit__(None, None, None)
+
+def _learner(model, dls, setting:BenchSetting|None=None):
+    "A `Learner` of `model` on `dls`, both as `setting` (default: cpu, fp32) prepares them"
+    setting = setting or BenchSetting('cpu')
+    learn = Learner(dls.to(setting.dev), setting.prepare(model), loss_func=CrossEntropyLossFlat(),
+                    cbs=[_Autocast(setting)] if setting.precision != 'fp32' else None)
+    learn.setting = setting
+    return learn
 
 @contextmanager
 def _time_spent_in(*classes):
@@ -134,13 +255,14 @@ def _time_spent_in(*classes):
     finally:
         for c,call in calls.items(): c.__call__ = call
 
-def timer_overhead(model, bs=32, size=64, batches=12, repeats=7, n_out=10):
-    "Paired one-epoch train-only fits of `model`: untimed (twice), with `BatchTimer`, with `LayerTimer`; medians per batch"
+def timer_overhead(model, bs=32, size=64, batches=12, repeats=7, n_out=10, setting:BenchSetting|None=None):
+    "Paired one-epoch train-only fits of `model` under `setting`: untimed (twice), with `BatchTimer`, with `LayerTimer`; medians per batch"
     from fastai_order.timing import BatchTimer, _BatchTimerHead
     from fastai_order.layer_timer import LayerTimer
-    learn = _learner(model, synthetic_dls(n=bs*batches, bs=bs, size=size, n_out=n_out, valid_pct=0))
+    learn = _learner(model, synthetic_dls(n=bs*batches, bs=bs, size=size, n_out=n_out, valid_pct=0), setting)
     cfgs = {'none': lambda: None, 'none again': lambda: None,
             'BatchTimer': lambda: BatchTimer(wandb_every=None), 'LayerTimer': lambda: LayerTimer(warmup=0)}
+    if learn.setting.dev.type == 'cuda': cfgs['LayerTimer every batch'] = lambda: LayerTimer(warmup=0, every=1)   # its default samples 1 in 8 there
     times,own = {k: [] for k in cfgs},[]
     with _time_spent_in(BatchTimer, _BatchTimerHead) as spent:
         _timed_fit(learn, None)  # warm-up
@@ -162,14 +284,14 @@ def timer_overhead(model, bs=32, size=64, batches=12, repeats=7, n_out=10):
     df['own_pct'] = 100*df.own_us_per_batch/(1e3*df.ms_per_batch[0])
     return df
 
-def phase_shares(orders, widths=(32, 64), bs=32, size=64, batches=24):
-    "`BatchTimer`'s train summary (mean ms and % per phase) of `ordered_cnn(widths, order)` for each of `orders`"
+def phase_shares(orders, widths=(32, 64), bs=32, size=64, batches=24, setting:BenchSetting|None=None):
+    "`BatchTimer`'s train summary (mean ms and % per phase) of `ordered_cnn(widths, order)` under `setting`, for each of `orders`"
     from fastai_order.timing import BatchTimer
     rows = []
     for o in orders:
         torch.manual_seed(0)
         t = BatchTimer(wandb_every=None)
-        learn = _learner(ordered_cnn(3, 10, widths, order=o), synthetic_dls(n=bs*batches*4//3, bs=bs, size=size, n_out=10))
+        learn = _learner(ordered_cnn(3, 10, widths, order=o), synthetic_dls(n=bs*batches*4//3, bs=bs, size=size, n_out=10), setting)
         _timed_fit(learn, t)
         s = t.summary().loc['train']
         rows.append({'order': str(LayerOrder(o)), **{f'{p} %': s.pct[p] for p in s.index if p != 'total'},
@@ -186,21 +308,25 @@ def _cuda_syncs(learn, cbs):
         finally: torch.cuda.set_sync_debug_mode(0)
     return sum('synchroniz' in str(w.message) for w in caught)
 
-def cuda_check(model, bs=32, size=64, batches=12, n_out=10):
-    "On CUDA: synchronizations in a fit of `model` untimed and with each timer, and whether device phases add up to the total"
+def cuda_check(model, bs=32, size=64, batches=12, n_out=10, setting:BenchSetting|None=None):
+    "On CUDA (`setting`'s device): synchronizations in a fit of `model` untimed and with each timer, and whether device phases add up to the total"
     if not torch.cuda.is_available(): raise RuntimeError("`cuda_check` needs CUDA, which is not available")
+    setting = setting or BenchSetting('cuda')
+    if setting.dev.type != 'cuda': raise ValueError(f"`cuda_check` checks a CUDA device, got a setting on {setting.device!r}")
     from fastai_order.timing import BatchTimer, _HOST, _DEVICE
     from fastai_order.layer_timer import LayerTimer
-    learn = _learner(model.cuda(), synthetic_dls(n=bs*batches*4//3, bs=bs, size=size, n_out=n_out).to('cuda'))
+    learn = _learner(model, synthetic_dls(n=bs*batches*4//3, bs=bs, size=size, n_out=n_out), setting)
     _timed_fit(learn, None)  # warm-up
-    bt = BatchTimer(wandb_every=None)
-    syncs = {'none': _cuda_syncs(learn, None), 'BatchTimer': _cuda_syncs(learn, bt), 'LayerTimer': _cuda_syncs(learn, LayerTimer())}
-    bt.df  # waits, once, for the last device times
+    bt, lt = BatchTimer(wandb_every=None), LayerTimer(every=1)
+    syncs = {'none': _cuda_syncs(learn, None), 'BatchTimer': _cuda_syncs(learn, BatchTimer(wandb_every=None)),
+             'LayerTimer': _cuda_syncs(learn, LayerTimer()), 'both, every batch': _cuda_syncs(learn, [bt, lt])}
+    s = bt.summary()   # waits, once, for the last device times
     rows = bt.rows.array()
     host,dev = rows[:, _HOST],rows[:, _DEVICE]
     return pd.DataFrame([dict(timer=k, syncs=n, added_syncs=n - syncs['none']) for k,n in syncs.items()]), dict(
-        batches=len(rows), device_phases_add_up=bool((dev[:, :-1].sum(1) == dev[:, -1]).all()),
-        device_ms_per_batch=dev[:, -1].mean() / 1e6, host_ms_per_batch=host[:, -1].mean() / 1e6)
+        batches=len(rows), clock=s.attrs['clock'], device_phases_add_up=bool((dev[:, :-1].sum(1) == dev[:, -1]).all()),
+        device_ms_per_batch=dev[:, -1].mean() / 1e6, host_ms_per_batch=host[:, -1].mean() / 1e6,
+        layer_roles_over_forward_backward=lt.summary().total_ms.sum() / (s.mean_ms['train', 'forward'] + s.mean_ms['train', 'backward']))
 
 # %% ../nbs/08_bench.ipynb #0a9d35c0
 def _bare_fit(grid):
@@ -233,6 +359,10 @@ def timing_bench(
     repeats:int=7, # paired repeats (medians are reported)
     orders:str='resnet,bn_after,pool_before_act', # orders whose phase shares are shown, on a small CNN
     threads:int=None, # torch CPU threads (default: torch's)
+    device:str=None, # 'cpu' or 'cuda' (default: CUDA when available, else cpu)
+    precision:str='fp32', # 'fp32', or autocast to 'bf16' or 'fp16' (CUDA only)
+    channels_last:store_true=False, # models and batches in channels_last memory format
+    compile:store_true=False, # fit `torch.compile`d models
     cuda:store_true=False, # instead, on CUDA: count the synchronizations each timer adds and check the device phases
     runner:store_true=False, # instead, the overhead of `compare_orders` against a bare fit loop (3 orders, 5 epochs of MNIST; `repeats` pairs)
 ):
@@ -242,10 +372,14 @@ def timing_bench(
     check_int('threads', threads, none_ok=True)
     orders = [str(LayerOrder(o)) for o in orders.split(',')]   # checked before any benchmark runs
     if cuda and not torch.cuda.is_available(): raise ValueError("--cuda needs CUDA, which is not available here")
+    setting = BenchSetting(device or ('cuda' if cuda else None), precision, channels_last, compile)
+    if cuda and setting.dev.type != 'cuda': raise ValueError(f"--cuda checks a CUDA device, but --device is {device!r}: leave --device out or give a cuda one")
+    if runner and setting != BenchSetting(setting.device): raise ValueError(
+        f"--runner times the runs `compare_orders` configures, not setting {str(setting)!r}: leave out --precision, --channels-last and --compile")
     if cuda:
-        syncs,device = cuda_check(getattr(fxr, arch)(n_out=10), bs=bs, size=size, batches=batches)
-        print(f"{arch} on {torch.cuda.get_device_name()}, batch {bs}, {size}px, torch {torch.__version__}")
-        print(syncs.to_string(index=False)); print(device)
+        syncs,dev = cuda_check(getattr(fxr, arch)(n_out=10), bs=bs, size=size, batches=batches, setting=setting)
+        print(f"{arch}, batch {bs}, {size}px, {setting.describe()}")
+        print(syncs.to_string(index=False)); print(dev)
         return
     if threads: torch.set_num_threads(threads)
     kept = keep_freed_memory()
@@ -255,12 +389,12 @@ def timing_bench(
         print(df.to_string(index=False, float_format='%.3f'))
         return df
     print(f"{arch}, batch {bs}, {size}px, {batches} train batches per fit, {repeats} paired repeats, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, malloc keeps freed memory: {kept}")
-    df = timer_overhead(getattr(fxr, arch)(n_out=10), bs=bs, size=size, batches=batches, repeats=repeats)
+          f"{setting.describe()}, malloc keeps freed memory: {kept}")
+    df = timer_overhead(getattr(fxr, arch)(n_out=10), bs=bs, size=size, batches=batches, repeats=repeats, setting=setting)
     print(df.to_string(index=False, float_format='%.4g'))
     print(f"BatchTimer's own code: {df.own_us_per_batch[2]:.0f} µs per batch = {df.own_pct[2]:.3f} % of an untimed train step")
     print(f"\nBatchTimer phase shares (train, after warm-up), ordered_cnn widths (32, 64), batch {bs}, {size}px:")
-    print(phase_shares(orders, bs=bs, size=size).to_string(index=False, float_format='%.1f'))
+    print(phase_shares(orders, bs=bs, size=size, setting=setting).to_string(index=False, float_format='%.1f'))
 
 # %% ../nbs/08_bench.ipynb #034a690e
 def _trained_like(model, seed=0):
@@ -283,52 +417,46 @@ def optimize_models(names='resnet18,xresnet18,cnn') -> dict:
     torch.manual_seed(0)
     return {n: _trained_like(makers[n]()) for n in names}
 
-def time_eval(model, x, calls=2) -> float:
-    "Seconds per forward call of `model` on `x` in inference mode, after one warm-up call"
-    with torch.inference_mode():
-        model(x)
-        start = time.perf_counter()
-        for _ in range(calls): model(x)
-        return (time.perf_counter() - start) / calls
+def time_eval(model, x, calls=2, setting:BenchSetting|None=None) -> float:
+    "Seconds per forward call of `model` on `x` in inference mode under `setting`'s autocast and clock, after a warm-up"
+    setting = setting or BenchSetting(str(x.device))
+    def call():
+        with torch.inference_mode(), setting.autocast(): model(x)
+    return setting.seconds(call, calls)
 
-def compare_eval(models:dict, x, calls=2, repeats=7) -> pd.DataFrame:
-    "Seconds per forward call of each of `models` (name → model) on `x`: one column per model, one row per paired repeat"
+def compare_eval(models:dict, x, calls=2, repeats=7, setting:BenchSetting|None=None) -> pd.DataFrame:
+    "Seconds per forward call of each of `models` (name → model) on `x`, prepared by `setting`: one column per model, one row per paired repeat"
+    setting = setting or BenchSetting('cpu')
+    x, models = setting.batch(x), {n: setting.prepare(m) for n,m in models.items()}
     names, rows = list(models), []
     for r in progress_bar(range(repeats), leave=False):
-        rows.append({n: time_eval(models[n], x, calls) for n in (names if r % 2 == 0 else names[::-1])})
+        rows.append({n: time_eval(models[n], x, calls, setting) for n in (names if r % 2 == 0 else names[::-1])})
     return pd.DataFrame(rows)[names]
 
 def _speedup(times, base, new): return statistics.median(times[base] / times[new])
 
 # %% ../nbs/08_bench.ipynb #cacf6bcb
-def eval_speedups(model, x, calls=2, repeats=7) -> dict:
-    "Paired eval speed-ups of `optimize_order(model, 'eval')` against `model` and against torch.fx `fuse(model)`, on `x`"
-    model = model.eval()
-    report = optimize_order(model, 'eval', example=x)
+def eval_speedups(model, x, calls=2, repeats=7, setting:BenchSetting|None=None) -> dict:
+    "Paired eval speed-ups of `optimize_order(model, 'eval')` against `model` and against torch.fx `fuse(model)`, on `x`, all under `setting`"
+    setting = setting or BenchSetting('cpu')
+    model, x = model.eval().to(setting.dev), setting.batch(x)
+    report = optimize_order(model, 'eval', example=x, channels_last=True if setting.channels_last else None)
     with torch.inference_mode():
         error = _rel_err(report.model(x), model(x))
     rewrites = copy.deepcopy(report.model).to(memory_format=torch.contiguous_format) if report.channels_last else report.model
     variants = {'original': model, 'fx fuse': fuse(model), 'rewrites only': rewrites, 'optimize_order': report.model}
-    t = compare_eval(variants, x, calls, repeats)
+    t = compare_eval(variants, x, calls, repeats, setting)   # under `compile`, each variant's warm-up compiles it
     return dict(ms_original=1e3*t.original.median(), ms_fuse=1e3*t['fx fuse'].median(), ms_optimized=1e3*t.optimize_order.median(),
                 vs_original=_speedup(t, 'original', 'optimize_order'), vs_fuse=_speedup(t, 'fx fuse', 'optimize_order'),
                 rewrites=_speedup(t, 'original', 'rewrites only'), channels_last=_speedup(t, 'rewrites only', 'optimize_order'),
                 layout_applied=report.channels_last, groups=len(report.rows), error=error)
 
-def compile_speedup(model, x, calls=2, repeats=7) -> dict:
-    "Paired eval times of `torch.compile(model)` and `torch.compile(optimize_order(model, 'eval').model)` on `x`"
-    model = model.eval()
-    opt = optimize_order(model, 'eval', example=x).model
-    compiled = {'original': torch.compile(model), 'optimized': torch.compile(opt)}
-    t = compare_eval(compiled, x, calls, repeats)   # the first call of each compiles
-    return dict(ms_original=1e3*t.original.median(), ms_optimized=1e3*t.optimized.median(), time_ratio=statistics.median(t.optimized / t.original))
-
-def train_speedups(model, bs=32, size=64, steps=10, repeats=7) -> pd.DataFrame:
-    "Paired train-step times of `model`, of its exact rewrites alone, and with channels_last too (`compare_train_steps`)"
+def train_speedups(model, bs=32, size=64, steps=10, repeats=7, setting:BenchSetting|None=None) -> pd.DataFrame:
+    "Paired train-step times of `model`, of its exact rewrites alone, and with channels_last too (`compare_train_steps` under `setting`)"
     x = torch.randn(4, 3, size, size)
     variants = {'original': model, 'exact rewrites': optimize_order(model, example=x, channels_last=False, reps=0).model,
                 'rewrites + channels_last': optimize_order(model, example=x, channels_last=True, reps=0).model}
-    df = compare_train_steps(variants, bs=bs, size=size, steps=steps, repeats=repeats)
+    df = compare_train_steps(variants, bs=bs, size=size, steps=steps, repeats=repeats, setting=setting)
     return df.assign(speedup=1/df.ratio)
 
 # %% ../nbs/08_bench.ipynb #5d6b31cc
@@ -342,26 +470,27 @@ def optimize_bench(
     train_size:int=64, # image size of the CNN's train steps
     repeats:int=7, # paired repeats (medians are reported)
     threads:int=None, # torch CPU threads (default: torch's)
-    compile:store_true=False, # also compare the original and optimized models under torch.compile (slow: compiles each)
+    device:str=None, # 'cpu' or 'cuda' (default: CUDA when available, else cpu)
+    precision:str='fp32', # 'fp32', or autocast to 'bf16' or 'fp16' (CUDA only)
+    channels_last:store_true=False, # every variant in channels_last memory format
+    compile:store_true=False, # every variant `torch.compile`d (slow: compiles each)
 ):
-    "Speed-ups of `optimize_order` in evaluation (vs the original and vs torch.fx fuse), in training (the CNN) and under torch.compile"
+    "Speed-ups of `optimize_order` in evaluation (vs the original and vs torch.fx fuse) and in training (the CNN), under one setting"
     for k, v in dict(bs=bs, size=size, train_bs=train_bs, train_size=train_size, repeats=repeats).items(): check_int(k, v)
     check_int('threads', threads, none_ok=True)
+    setting = BenchSetting(device, precision, channels_last, compile)
     named = optimize_models(models)
     if threads: torch.set_num_threads(threads)
     kept = keep_freed_memory()
-    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, malloc keeps freed memory: {kept}, {repeats} paired repeats")
+    print(f"{setting.describe()}, malloc keeps freed memory: {kept}, {repeats} paired repeats")
     x = torch.randn(bs, 3, size, size, generator=torch.Generator().manual_seed(0))
-    ev = pd.DataFrame([dict(model=n, **eval_speedups(m, x, repeats=repeats)) for n,m in named.items()])
-    print(f"\nEvaluation, batch {bs}, {size}px: speed-up of optimize_order (paired medians); error = max |Δ output| / max |output|")
+    ev = pd.DataFrame([dict(model=n, **eval_speedups(m, x, repeats=repeats, setting=setting)) for n,m in named.items()])
+    print(f"\nEvaluation, batch {bs}, {size}px: speed-up of optimize_order (paired medians); error = max |Δ output| / max |output| (fp32)")
     print(ev.to_string(index=False, float_format='%.3g'))
     if 'cnn' in named:
         print(f"\nTraining steps of the thread's CNN, batch {train_bs}, {train_size}px (conv-bn-act-pool → conv-bn-pool-act):")
-        print(train_speedups(optimize_models('cnn')['cnn'], train_bs, train_size, repeats=repeats).to_string(index=False, float_format='%.3f'))
-    if compile:
-        cp = pd.DataFrame([dict(model=n, **compile_speedup(m, x, repeats=repeats)) for n,m in named.items()])
-        print(f"\nUnder torch.compile, evaluation, batch {bs}, {size}px: time of the optimized model / time of the original")
-        print(cp.to_string(index=False, float_format='%.3f'))
+        df = train_speedups(optimize_models('cnn')['cnn'], train_bs, train_size, repeats=repeats, setting=setting)
+        print(df.to_string(index=False, float_format='%.3f'))
 
 # %% ../nbs/08_bench.ipynb #48e45bba
 @call_parse

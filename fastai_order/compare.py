@@ -110,8 +110,9 @@ def compare_cli(
     bs:int=64, # batch size
     lr:float=3e-3, # peak learning rate of fit_one_cycle
     seeds:int=3, # seeds per order (0, 1, …)
-    precision:str='fp32', # fp32, or mixed precision bf16 / fp16 (CUDA)
-    backend:str='eager', # eager, channels_last or compile
+    precision:str='fp32', # fp32, or fastai's mixed precision bf16 / fp16 (CUDA only)
+    backend:str='eager', # eager, channels_last, compile, or channels_last+compile
+    warmup:int=2, # batches of each split run, then undone, before each timed fit (compilation, cuDNN's kernel choice); 0: none
     p:float=0., # the CNN's dropout probability after each block (needed for 'drop' in an order)
     pool:str='max', # the CNN's pooling: max or avg
     out:str='order_comparison', # folder for runs, results.csv, report.md and figures; running again resumes it
@@ -124,7 +125,7 @@ def compare_cli(
     with cli_errors('fastai-order-compare', f"the finished runs are kept in {out}: run the same command again to resume"):
         only = _parse_run(run) if run else None
         config = RunConfig(data=data, arch=arch, epochs=epochs, lr=lr, bs=bs, size=size, precision=precision, backend=backend,
-                           p=p, pool=pool, workers=workers, wandb=wandb)
+                           warmup=warmup, p=p, pool=pool, workers=workers, wandb=wandb)
         orders = orders.split(',')
         if dry_run: return _dry_run(orders, config, seeds, out, only)
         res = compare_orders(orders, config, seeds, out, only)

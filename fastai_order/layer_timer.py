@@ -6,13 +6,14 @@ Docs: https://fastai-order.github.io/fastai_order/layer_timer.html.md"""
 
 # %% ../nbs/03a_layer_timer.ipynb #7b0ce205
 from __future__ import annotations
-import time
 import pandas as pd, torch
 from fastcore.basics import patch
 from fastai.callback.core import Callback
 from .layers import module_role
-from .timing import CudaEvents, _PrivateState, _check_in, _model_on_cuda
-from .cli import check_int
+from functools import partial
+from .timing import _PrivateState
+from .clock import Clock, HostClock, check_clock, device_clock
+from .cli import check_int, check_choice
 
 # %% auto #0
 __all__ = ['ROLES', 'LayerTimer']
@@ -28,55 +29,48 @@ def _grad_node(out):
 class LayerTimer(_PrivateState, Callback):
     "Attribute forward and backward time to each leaf module of the model, by role and by path"
     order = 999
-    _stateattrs = ('_handles', '_device', '_pending', '_on', '_t')
+    _stateattrs = ('_handles', '_clock', '_on', '_t', '_spans')
     def __init__(self,
         warmup:int=2, # batches of each split and epoch not timed (allocations, caches)
-        clock:str|CudaEvents='auto', # 'auto' (device events when the model is on CUDA), 'host', or a `CudaEvents`
+        clock:str|Clock='auto', # 'auto' (device events when the model is on CUDA), 'host', 'cuda', or a `Clock`
+        every:int|None=None, # time one batch in `every` after the warm-up; `None`: 1 on the host clock, 8 on a device clock
     ):
-        self.warmup = check_int('warmup', warmup, 0)
-        if not (clock in ('auto', 'host') or isinstance(clock, CudaEvents)):
-            raise ValueError(f"`clock` must be 'auto', 'host' or a `CudaEvents`, got {clock!r}")
-        self.clock,self.paths,self.ns,self.batches = clock,[],{},{}
+        self.warmup,self.clock,self.every = check_int('warmup', warmup, 0),check_clock(clock),check_int('every', every, none_ok=True)
+        self.paths,self.ns,self.batches = [],{},{}
         self._init_state()
 
-    def _init_state(self): self._handles,self._device,self._pending,self._on,self._t = [],None,[],False,{}
+    def _init_state(self): self._handles,self._clock,self._on,self._t,self._spans,self._every = [],None,False,{},[],1
 
-    def _now(self): return self._device.mark() if self._device else time.perf_counter_ns()
-    def _add(self, key, t0, t1):
-        if self._device: self._pending.append((key, t0, t1))
-        else: self.ns[key] = self.ns.get(key, 0) + t1 - t0
+    def _span(self, key, start):
+        "Time from mark `start` to now goes to `key` (split, module index or -1 for the whole model, direction)"
+        self._spans += [key, start, self._clock.mark()]
 
-# %% ../nbs/03a_layer_timer.ipynb #622d2e61
+# %% ../nbs/03a_layer_timer.ipynb #479f8cb6
 @patch
 def _hook(self:LayerTimer, i, m):
     "Attach the forward and backward timing hooks of leaf module `m`, number `i` in `paths`"
     def pre(mod, inp):
-        if self._on: self._t[i] = self._now()
+        if self._on: self._t[i] = self._clock.mark()
     def post(mod, inp, out):
-        if not self._on or i not in self._t: return
-        self._add((self._cur_split, i, 'forward'), self._t.pop(i), self._now())
+        if i not in self._t: return
+        self._span((self._cur_split, i, 'forward'), self._t.pop(i))
         node = _grad_node(out)
         if node is None or (inp and out is inp[0]): return  # no graph, or an identity (its node is another module's)
         start = []
-        node.register_prehook(lambda grads: start.append(self._now()) if self._on else None)
+        node.register_prehook(lambda grads: start.append(self._clock.mark()) if self._on else None)
         def done(gi, go):
-            if self._on and start: self._add((self._cur_split, i, 'backward'), start.pop(), self._now())
+            if self._on and start: self._span((self._cur_split, i, 'backward'), start.pop())
         node.register_hook(done)
     self._handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
 
 @patch
-def before_fit(self:LayerTimer):
-    self._remove_hooks(); self._init_state()
+def _add_hooks(self:LayerTimer):
     model = self.learn.model
-    if isinstance(self.clock, CudaEvents): self._device = self.clock
-    elif self.clock == 'auto' and _model_on_cuda(model): self._device = CudaEvents()
-    leaves = [(n,m) for n,m in model.named_modules() if not any(m.children())]
-    self.paths = [(n, module_role(m) or 'other', type(m).__name__) for n,m in leaves]
-    for i,(_,m) in enumerate(leaves): self._hook(i, m)
+    for i,(_,m) in enumerate(self._leaves): self._hook(i, m)
     def whole(mod, inp):
-        if self._on: self._t['model'] = self._now()
+        if self._on: self._t['model'] = self._clock.mark()
     def whole_done(mod, inp, out):
-        if self._on and 'model' in self._t: self._add((self._cur_split, -1, 'forward'), self._t.pop('model'), self._now())
+        if 'model' in self._t: self._span((self._cur_split, -1, 'forward'), self._t.pop('model'))
     self._handles += [model.register_forward_pre_hook(whole), model.register_forward_hook(whole_done)]
 
 @patch
@@ -85,41 +79,53 @@ def _remove_hooks(self:LayerTimer):
     self._handles = []
 
 @patch
+def before_fit(self:LayerTimer):
+    self._remove_hooks(); self._init_state()
+    model = self.learn.model
+    self._clock = device_clock(self.clock, model) or HostClock()
+    self._every = self.every or (1 if isinstance(self._clock, HostClock) else 8)
+    self._leaves = [(n,m) for n,m in model.named_modules() if not any(m.children())]
+    self.paths = [(n, module_role(m) or 'other', type(m).__name__) for n,m in self._leaves]
+
+@patch
 def before_batch(self:LayerTimer):
-    self._on,self._cur_split = self.iter >= self.warmup,('train' if self.training else 'valid')
-    if self._on: self.batches[self._cur_split] = self.batches.get(self._cur_split, 0) + 1
+    self._on,self._cur_split = self.iter >= self.warmup and (self.iter - self.warmup) % self._every == 0,('train' if self.training else 'valid')
+    if not self._on: return
+    self.batches[self._cur_split] = self.batches.get(self._cur_split, 0) + 1
+    if not self._handles: self._add_hooks()
 
 @patch
 def before_backward(self:LayerTimer):
-    if self._on: self._t['backward'] = self._now()
+    if self._on: self._t['backward'] = self._clock.mark()
 @patch
 def after_backward(self:LayerTimer):
-    if 'backward' in self._t: self._add((self._cur_split, -1, 'backward'), self._t.pop('backward'), self._now())
+    if 'backward' in self._t: self._span((self._cur_split, -1, 'backward'), self._t.pop('backward'))
 
 @patch
 def after_batch(self:LayerTimer):
-    self._on = False; self._t = {}
-    self._resolve()
+    if self._spans:
+        spans = self._spans
+        self._clock.later([m for j in range(0, len(spans), 3) for m in spans[j+1:j+3]], partial(self._store, spans[0::3]), pairs=True)
+    self._on,self._t,self._spans = False,{},[]
+    if self._every > 1: self._remove_hooks()   # batches that are not timed run without hooks
+
+@patch
+def _store(self:LayerTimer, keys, durations):
+    for k,d in zip(keys, durations): self.ns[k] = self.ns.get(k, 0) + d
 
 @patch
 def after_fit(self:LayerTimer): self._on = False; self._remove_hooks(); self._resolve()
 
 @patch
 def _resolve(self:LayerTimer, wait=False):
-    "Add up the device times of complete events (all of them if `wait`)"
-    if wait and self._pending: self._device.wait(self._pending[-1][-1])
-    while self._pending:
-        key,e0,e1 = self._pending[0]
-        offs = self._device.offsets([e0, e1])
-        if offs is None: return
-        self._pending.pop(0)
-        self.ns[key] = self.ns.get(key, 0) + offs[1]
+    "Add up the times whose marks have completed (all of them, waiting once, if `wait`)"
+    if self._clock: self._clock.drain(wait)
 
 # %% ../nbs/03a_layer_timer.ipynb #bc304998
 @patch(as_prop=True)
 def df(self:LayerTimer):
     "One row per leaf module and split: path, role, class, forward and backward ms per batch"
-    if self._device: self._resolve(wait=True)
+    self._resolve(wait=True)
     rows = [dict(split=s, path=p, role=r, module=c,
                  forward_ms=self.ns.get((s, i, 'forward'), 0)/1e6/n, backward_ms=self.ns.get((s, i, 'backward'), 0)/1e6/n)
             for s,n in self.batches.items() for i,(p,r,c) in enumerate(self.paths)]
@@ -128,7 +134,7 @@ def df(self:LayerTimer):
 @patch
 def summary(self:LayerTimer, split:str='train'):
     "Forward and backward ms per batch by role (`ROLES`) for `split`, and each role's % of the model's total"
-    _check_in('split', [split], list(self.batches) or ['train', 'valid'])
+    check_choice('split', split, list(self.batches) or ['train', 'valid'])
     df = self.df
     res = df[df.split == split].groupby('role')[['forward_ms', 'backward_ms']].sum().reindex(ROLES, fill_value=0.)
     n = self.batches[split]

@@ -6,13 +6,14 @@ Docs: https://fastai-order.github.io/fastai_order/optimize.html.md"""
 
 # %% ../nbs/04a_optimize.ipynb #4af1e04d
 from __future__ import annotations
-import copy, time, statistics
+import copy, time, statistics, contextlib
 from collections import Counter
 import torch, torch.nn as nn, torch.fx as fx
 import pandas as pd
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from fastcore.basics import patch, store_attr
 from fastai.learner import Learner
+from fastai.callback.fp16 import MixedPrecision, AMPMode
 from .swap import BLOCK_TYPES
 from .commute import ACTIVATIONS, conditions_of, _search, _steps, _cheapest, _cost, _check_mode
 from .cli import check_module, check_number, check_int
@@ -120,12 +121,18 @@ def _block_region(model, slots):
         if not isinstance(model.get_submodule(parent_path), nn.Sequential) or siblings[i+1:i+1+len(rest)] != [s.rpartition('.')[2] for s in rest]: return None
     return block_path, keys, rest
 
+def _f64(model): return copy.deepcopy(model).to('cpu', torch.float64)
+
+def _fold(conv, bn):
+    "`conv` with eval-mode `bn` folded in, computed in float64 and rounded once to the conv's dtype"
+    return fuse_conv_bn_eval(_f64(conv).eval(), _f64(bn).eval()).to(conv.weight.device, conv.weight.dtype)
+
 def _apply(model, plan):
     "Rewrite, in `model`, the group `plan` was made for; returns the path whose output is the group's"
     slot_of = {op_name(model.get_submodule(p)): p for p in plan.slots}
     slot_of.pop('identity', None)
     mods = {n: model.get_submodule(p) for n,p in slot_of.items()}
-    if plan.fold: mods['conv'] = fuse_conv_bn_eval(mods['conv'].eval(), mods['bn'].eval())
+    if plan.fold: mods['conv'] = _fold(mods['conv'], mods['bn'])
     new = [(n, mods[n]) for n in plan.after]
     region = _block_region(model, plan.slots)
     if region:
@@ -149,13 +156,17 @@ def _apply(model, plan):
 # %% ../nbs/04a_optimize.ipynb #ac964d0a
 def _rel_err(a, b):
     "max |a − b| relative to max |b|"
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 def _paths(model): return {id(m): p for p,m in model.named_modules()}
 
-def _run(model, x, mode, watch=()):
-    "Output, gradients by parameter name (train) and the outputs of the modules at `watch`, on a copy of `model`"
+def _run(model, x, mode, watch=(), dropout=True):
+    "Output, gradients by parameter name (train) and the outputs of the modules at `watch`, on a copy of `model` (`dropout=False`: dropout off)"
     m = copy.deepcopy(model).train(mode == 'train')
+    if not dropout:
+        for d in m.modules():
+            if isinstance(d, nn.modules.dropout._DropoutNd): d.eval()
     seen = {}
     hooks = [m.get_submodule(p).register_forward_hook(lambda mod, i, o, p=p: seen.__setitem__(p, o.detach())) for p in watch]
     x = x.detach().clone().requires_grad_(mode == 'train')
@@ -174,16 +185,16 @@ def _grad_name(n, moved):
     path, _, leaf = n.rpartition('.')
     return f'{moved.get(path, path)}.{leaf}' if path in moved else n
 
-def _check(original, new, moved, x, mode):
-    "(output error, gradient error in training) of `new` against `original` on batch `x`, relative to the largest output and gradient"
-    y0, g0, _ = _run(original, x, mode)
-    y1, g1, _ = _run(new, x, mode)
-    if mode == 'eval': return _rel_err(y1, y0), None
-    scale = max(g.abs().max() for g in g0.values()).clamp_min(1e-30)   # a gradient that is 0 up to rounding has no scale of its own
-    return _rel_err(y1, y0), max(((g - g0[_grad_name(n, moved)]).abs().max() / scale).item() for n,g in g1.items())
+def _errors(run, ref, moved={}):
+    "(output error, gradient error or None) of the `_run` result `run` against `ref`, relative to the largest output and gradient"
+    (y, g), (y0, g0) = run[:2], ref[:2]
+    if not g0: return _rel_err(y, y0), None
+    g0 = {n: v.detach().double().cpu() for n,v in g0.items()}
+    scale = max(v.abs().max() for v in g0.values()).clamp_min(1e-30)   # a gradient that is 0 up to rounding has no scale of its own
+    return _rel_err(y, y0), max(((v.detach().double().cpu() - g0[_grad_name(n, moved)]).abs().max() / scale).item() for n,v in g.items())
 
 def _rewrite(model, mode, x=None, max_rounds=8):
-    "Rewrite `model` in rounds until nothing cheaper is left: (plans, {new path: old path} of moved modules, each group's error on `x`)"
+    "Rewrite `model` in rounds until nothing cheaper is left: (plans, {new path: old path} of moved modules, each group's output error on `x`)"
     start, plans, errors = _paths(model), [], []
     for _ in range(max_rounds):   # a rewrite can bring ops of neighbouring groups together, hence rounds
         todo = plan_rewrites(model, mode)
@@ -196,6 +207,11 @@ def _rewrite(model, mode, x=None, max_rounds=8):
         plans += todo
     moved = {p: start[i] for i,p in _paths(model).items() if i in start and start[i] != p}
     return plans, moved, errors
+
+def _replay(model, plans):
+    "Make in `model` the rewrites `plans` (from `_rewrite` on a copy of it), in order"
+    for p in plans: _apply(model, p)
+    return model
 
 # %% ../nbs/04a_optimize.ipynb #45d90bcc
 _LAYOUTS = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -218,11 +234,12 @@ def _time(models, x, mode, reps=5) -> list:
 
 # %% ../nbs/04a_optimize.ipynb #b55545fd
 class OptimizeReport:
-    "What `optimize_order` rewrote and why, the errors it measured, and the time the reorders and channels_last saved"
-    def __init__(self, model, mode, rows, error, grad_error, tol, times, channels_last): store_attr()
+    "What `optimize_order` rewrote and why, its equivalence error in float64, the drift at the run precision, and the time saved"
+    def __init__(self, model, mode, rows, error, grad_error, tol, times, channels_last, precision=None, drift=None, grad_drift=None, drift_tol=None):
+        store_attr()
     @property
     def df(self):
-        "One row per rewritten group: where, the order before and after, the cost model's figures, the reasons and the error"
+        "One row per rewritten group: where, the order before and after, the cost model's figures, the reasons and its output error in float64"
         return pd.DataFrame(self.rows, columns=['path', 'before', 'after', 'cost_before', 'cost_after', 'error', 'reasons'])
     @property
     def speedups(self) -> dict:
@@ -232,11 +249,14 @@ class OptimizeReport:
         return dict(reorder=t['original']/t['reordered'], channels_last=t['reordered']/t['final'], total=t['original']/t['final'])
     @property
     def title(self):
-        s,t = self.speedups,self.times
-        err = f"output error {self.error:.1e}" + (f", gradient error {self.grad_error:.1e}" if self.grad_error is not None else '')
-        n = len(self.rows)
-        tol = f"tol {self.tol[0]:g}" + (f" and {self.tol[1]:g}" if self.grad_error is not None else '')
-        res = f"optimize_order ({self.mode}): {n} group{'s' * (n != 1)} rewritten, {err} ({tol})"
+        s,t,n = self.speedups,self.times,len(self.rows)
+        grads = self.grad_error is not None
+        eq = f"equivalent in float64: output error {self.error:.1e}" + (f", gradient error {self.grad_error:.1e}" if grads else '') + \
+             f" (tol {self.tol[0]:g}" + (f" and {self.tol[1]:g}" if grads else '') + ')'
+        res = f"optimize_order ({self.mode}): {n} group{'s' * (n != 1)} rewritten, {eq}"
+        if self.drift:
+            res += f"; drift at {self.precision}: {self.drift['rewritten']:.1e} vs the original's {self.drift['original']:.1e}" + \
+                   (f" (gradients {self.grad_drift['rewritten']:.1e} vs {self.grad_drift['original']:.1e})" if self.grad_drift else '')
         if self.channels_last is None: return res + '; channels_last does not apply' + (f"; {s['total']:.2f}× faster on the example batch" if s else '')
         if not s: return res + f"; channels_last {'' if self.channels_last else 'not '}applied"
         cl = f"{t['reordered']/t['channels_last']:.2f}× from channels_last" + ('' if self.channels_last else ', not applied')
@@ -252,14 +272,49 @@ def _example(model):
     nd = len(conv.kernel_size)
     return torch.randn(8, conv.in_channels, *[{1: 256, 2: 64, 3: 16}[nd]] * nd, device=conv.weight.device, dtype=conv.weight.dtype)
 
+def _dtype_name(dt): return str(dt).replace('torch.', '')
+
+def _precision(x, autocast=None):
+    "(a context to run the model in, the run precision in words, one rounding of it) for the example batch `x`"
+    dev = x.device.type
+    if autocast is None and torch.is_autocast_enabled(dev): autocast = torch.get_autocast_dtype(dev)   # the caller's autocast
+    ctx = (lambda: torch.autocast(dev, dtype=autocast)) if autocast else contextlib.nullcontext
+    low = autocast or x.dtype
+    tf32 = dev == 'cuda' and low == torch.float32 and torch.backends.cudnn.allow_tf32
+    name = _dtype_name(x.dtype) + (f' under autocast({_dtype_name(autocast)})' if autocast else '') + (' with TF32 convs' if tf32 else '')
+    return ctx, name, 2.**-11 if tf32 else torch.finfo(low).eps / 2
+
+def _drift(model, ref, x, mode, ctx, layout=None):
+    "(output, gradient) error of `model` at its run precision (`ctx`, `layout`) against its float64 `_run` `ref`, dropout off"
+    if layout: model = copy.deepcopy(model).to(memory_format=layout)
+    with ctx(): return _errors(_run(model, x, mode, dropout=False), ref)
+
+def _drift_fails(d0, d1, drift, unit):
+    "The first of 'outputs', 'gradients' whose drift `d1` exceeds `drift`× the original's `d0` plus one rounding `unit`, else None"
+    return next((what for what,a,b in zip(('outputs', 'gradients'), d0, d1) if b is not None and not b <= drift * a + unit), None)   # NaN fails
+
+_REFUSED = "optimize_order refused ({}): {} Nothing was changed."
+
+def _check_equivalence(plans, errors, error, grad_error, tol, grad_tol):
+    "Raise naming the first group, or else the model's outputs or gradients, that differ by more than the tolerances in float64"
+    bad = next(((p, e) for p,e in zip(plans, errors) if not e <= tol), None)
+    if bad: raise ValueError(_REFUSED.format('equivalence', f"in float64 the rewrite of {bad[0].slots[0]} {'-'.join(bad[0].before)} → "
+        f"{'-'.join(bad[0].after)} changes the group's output by {bad[1]:.2e} (relative), more than tol={tol:g}: it computes another function."))
+    if not error <= tol or not (grad_error or 0) <= grad_tol:
+        what, err, lim = ('outputs', error, f'tol={tol:g}') if not error <= tol else ('gradients', grad_error, f'grad_tol={grad_tol:g}')
+        raise ValueError(_REFUSED.format('equivalence', f"in float64 the rewritten model's {what} differ from the original's by {err:.2e} "
+                                         f"(relative), more than {lim}."))
+
 def optimize_order(
     model, # any `nn.Module` torch.fx can trace
     mode='train', # 'train': only rewrites exact in training; 'eval': BN folding and dropout removal too
     example=None, # batch the result is checked and timed on (default: 8 random inputs sized for the first conv)
-    inplace=False, # rewrite `model` itself, once the check passed on a copy
+    inplace=False, # rewrite `model` itself, once the checks passed on copies
     channels_last=None, # None: when it times faster on `example` (needs `reps`); True or False: always or never (2-D and 3-D convs)
-    tol=1e-4, # largest output error allowed, relative to the largest output
-    grad_tol=1e-3, # in training, largest gradient error allowed, relative to the largest gradient (float32 sums over a batch in another order)
+    tol=1e-9, # equivalence: largest output error allowed in float64 (each group's and the model's), relative to the largest output
+    grad_tol=1e-9, # equivalence in training: largest gradient error allowed in float64, relative to the largest gradient
+    drift=4., # drift: at the run precision the rewritten model may be off the float64 result `drift`× as much as the original, plus one rounding
+    autocast=None, # run precision: None as the caller (inside `torch.autocast` or not); torch.bfloat16 or torch.float16: under `torch.autocast`
     reps=5, # timed calls of each variant (0: no timing)
 ) -> OptimizeReport:
     "Rewrite `model` (a copy, or itself if `inplace`) to its cheapest exactly equivalent order in `mode`, checked on `example`"
@@ -269,39 +324,60 @@ def optimize_order(
         f"got a {type(example).__name__}")
     if inplace not in (True, False): raise TypeError(f"`inplace` must be True or False, got {inplace!r}")
     if channels_last not in (None, True, False): raise TypeError(f"`channels_last` must be None, True or False, got {channels_last!r}")
-    check_number('tol', tol); check_number('grad_tol', grad_tol); check_int('reps', reps, 0)
+    check_number('tol', tol); check_number('grad_tol', grad_tol); check_number('drift', drift, 1); check_int('reps', reps, 0)
+    if not (autocast is None or autocast in (torch.bfloat16, torch.float16)): raise TypeError(
+        f"`autocast` must be None (as the caller), torch.bfloat16 or torch.float16, got {autocast!r}")
     x = _example(model) if example is None else example
-    new = copy.deepcopy(model)
-    plans, moved, errors = _rewrite(new, mode, x)
+    ctx, precision, unit = _precision(x, autocast)
+    with torch.autocast('cpu', enabled=False):   # equivalence: float64 copies on the CPU
+        o64, x64 = _f64(model), x.detach().to('cpu', torch.float64)
+        n64 = copy.deepcopy(o64)
+        plans, moved, errors = _rewrite(n64, mode, x64)
+        ref0, ref1 = _run(o64, x64, mode), _run(n64, x64, mode)
+        error, grad_error = _errors(ref1, ref0, moved)
+        _check_equivalence(plans, errors, error, grad_error, tol, grad_tol)
+        if mode == 'train' and any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
+            ref0, ref1 = _run(o64, x64, mode, dropout=False), _run(n64, x64, mode, dropout=False)
+    new = _replay(copy.deepcopy(model), plans)
     layout, times = _LAYOUTS.get(x.dim()), {}
     if reps:
-        t = _time([model, new] + ([copy.deepcopy(new).to(memory_format=layout)] if layout else []), x, mode, reps)
+        with ctx(): t = _time([model, new] + ([copy.deepcopy(new).to(memory_format=layout)] if layout else []), x, mode, reps)
         times = dict(original=t[0], reordered=t[1], final=t[1], **({'channels_last': t[2]} if layout else {}))
     if layout is None: use_layout = None
     elif channels_last is None: use_layout = bool(times) and times['channels_last'] < times['reordered']
     else: use_layout = bool(channels_last)
+    d0, d1 = (_drift(m, r, x, mode, ctx, layout if use_layout else None) for m,r in ((model, ref0), (new, ref1)))
+    if use_layout and channels_last is None and _drift_fails(d0, d1, drift, unit):   # channels_last was only chosen for speed
+        d0c, d1c = (_drift(m, r, x, mode, ctx) for m,r in ((model, ref0), (new, ref1)))
+        if not _drift_fails(d0c, d1c, drift, unit): use_layout, d0, d1 = False, d0c, d1c
+    if what := _drift_fails(d0, d1, drift, unit):
+        i = what == 'gradients'
+        raise ValueError(_REFUSED.format('drift' + (' in channels_last' if use_layout else ''),
+            f"at {precision}{' in channels_last' if use_layout else ''} the rewritten model's {what} are {d1[i]:.2e} off the float64 result "
+            f"(relative), more than drift={drift:g} × the original's {d0[i]:.2e} + one rounding {unit:.1e}."))
     if use_layout: new.to(memory_format=layout)
     if use_layout and times: times['final'] = times['channels_last']
-    error, grad_error = _check(model, new, moved, x, mode)
-    if error > tol or (grad_error or 0) > grad_tol:
-        what, err, lim = ('outputs', error, f'tol={tol:g}') if error > tol else ('gradients', grad_error, f'grad_tol={grad_tol:g}')
-        raise ValueError(f"optimize_order refused: the rewritten model's {what} differ from the original's by {err:.2e} (relative), "
-                         f"more than {lim}. Nothing was changed. "
-                         "Errors of each group's output: " + '; '.join(f"{p.slots[0]} {'-'.join(p.before)} → {'-'.join(p.after)}: {e:.1e}"
-                                                                       for p,e in zip(plans, errors)))
-    if inplace:
-        _rewrite(model, mode)
-        new = model.to(memory_format=layout) if use_layout else model
+    if inplace: new = _replay(model, plans).to(memory_format=layout) if use_layout else _replay(model, plans)
     if mode == 'eval': new.eval()
     rows = [dict(path=p.slots[0] if len(p.slots) == 1 else f'{p.slots[0]} … {p.slots[-1]}', before='-'.join(p.before), after='-'.join(p.after),
                  cost_before=p.costs[0], cost_after=p.costs[1], error=e, reasons='; '.join(p.steps)) for p,e in zip(plans, errors)]
-    return OptimizeReport(new, mode, rows, error, grad_error, (tol, grad_tol), times, use_layout)
+    return OptimizeReport(new, mode, rows, error, grad_error, (tol, grad_tol), times, use_layout,
+                          precision, dict(original=d0[0], rewritten=d1[0]), None if d0[1] is None else dict(original=d0[1], rewritten=d1[1]), (drift, unit))
 
 # %% ../nbs/04a_optimize.ipynb #c7f2d0dc
+def _amp_dtype(learn, x):
+    "The dtype fastai's `MixedPrecision` autocasts `learn`'s CUDA forward passes to, None without it or on the CPU (where it does not)"
+    cb = next((cb for cb in learn.cbs if isinstance(cb, MixedPrecision)), None)
+    if cb is None or not x.is_cuda: return None
+    return torch.bfloat16 if cb.amp_mode == AMPMode.BF16 else torch.float16
+
 @patch
 def optimize_order(self:Learner, mode='train', **kwargs) -> OptimizeReport:
-    "Rewrite `learn.model` in place to its cheapest exactly equivalent order in `mode`, checked on a batch of `learn.dls`"
-    report = optimize_order(self.model, mode, example=self.dls.one_batch()[0], inplace=True, **kwargs)
+    "Rewrite `learn.model` in place to its cheapest exactly equivalent order in `mode`, checked on a batch of `learn.dls` at the precision it trains in"
+    x = self.dls.one_batch()[0]
+    p = next(self.model.parameters(), None)
+    if p is not None and p.is_floating_point(): x = x.to(p.device, p.dtype)   # a model cast to bfloat16 takes bfloat16 batches
+    report = optimize_order(self.model, mode, example=x, inplace=True, **{'autocast': _amp_dtype(self, x), **kwargs})
     if self.opt is not None and {id(p) for p in self.model.parameters()} != {id(p) for g in self.opt.param_lists for p in g}:
         self.opt = None   # folded convs have new parameters: `fit` makes a new optimizer
     return report

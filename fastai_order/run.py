@@ -6,28 +6,31 @@ Docs: https://fastai-order.github.io/fastai_order/run.html.md"""
 
 # %% ../nbs/06a_run.ipynb #7e7b8ba2
 from __future__ import annotations
-import math, os, platform, resource, time
+import ctypes, gc, math, os, platform, threading, time
 from collections import Counter
 from dataclasses import dataclass, asdict, replace
 import psutil, torch, fastai
-from fastai.torch_core import set_seed, num_cpus
+from fastai.torch_core import set_seed, num_cpus, default_device
+from fastai.data.load import DataLoader
+from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.metrics import accuracy
-import fastai.callback.schedule, fastai.callback.channelslast, fastai.callback.fp16  # fit_one_cycle, to_channelslast, to_fp16
+import fastai.callback.schedule, fastai.callback.channelslast, fastai.callback.fp16, fastai.callback.progress  # fit_one_cycle, to_channelslast, to_fp16, no_bar
 from .order import LayerOrder
 from .layers import OrderedConvLayer, ordered_cnn, ordered_xresnet, XRESNET_ARCHS
 from .data import check_data, get_dls
 from .timing import BatchTimer, PHASES
-from .wandb import check_wandb_login
+from .wandb import check_wandb_login, random_state_kept
 from .cli import check_choice, check_int
 
 # %% auto #0
 __all__ = ['ARCHS', 'BACKENDS', 'PRECISIONS', 'POOLS', 'RESULT_TYPES', 'CONTEXT_TYPES', 'RunConfig', 'layer_orders',
-           'build_model', 'check_builds', 'run_learner', 'run_context', 'OtherLoad', 'train_run']
+           'build_model', 'check_builds', 'run_learner', 'warm_up', 'PeakMemory', 'run_context', 'OtherLoad',
+           'train_run']
 
 # %% ../nbs/06a_run.ipynb #cfb51ee5
 ARCHS = ('cnn', *XRESNET_ARCHS)
-BACKENDS = ('eager', 'channels_last', 'compile')
+BACKENDS = ('eager', 'channels_last', 'compile', 'channels_last+compile')
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 POOLS = ('max', 'avg')
 
@@ -52,8 +55,9 @@ class RunConfig:
     lr:float=3e-3 # its peak learning rate
     bs:int=64 # batch size
     size:int=28 # image size in pixels
-    precision:str='fp32' # 'fp32', or fastai's mixed precision 'bf16' or 'fp16' (CUDA)
-    backend:str='eager' # 'eager', 'channels_last' or 'compile' (`torch.compile`)
+    precision:str='fp32' # 'fp32', or fastai's mixed precision 'bf16' or 'fp16' (CUDA only: fastai autocasts on CUDA)
+    backend:str='eager' # 'eager', 'channels_last', 'compile' (`torch.compile`) or both: 'channels_last+compile'
+    warmup:int=2 # train and valid batches run, then undone, before the timed fit (see `warm_up`); 0: none
     p:float=0. # the CNN's dropout probability, after each block
     pool:str='max' # the CNN's pooling after each block: 'max' or 'avg'
     seed:int=0 # seed of the initial weights and of the data order
@@ -63,9 +67,10 @@ class RunConfig:
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)
         put('data', check_data(self.data))
+        if self.backend == 'compile+channels_last': put('backend', 'channels_last+compile')   # one configuration, one label
         for name, allowed in (('arch', ARCHS), ('precision', PRECISIONS), ('backend', BACKENDS), ('pool', POOLS)):
             check_choice(name, getattr(self, name), allowed)
-        for name, lo in (('epochs', 1), ('bs', 1), ('size', 1), ('seed', 0)): check_int(name, getattr(self, name), lo)
+        for name, lo in (('epochs', 1), ('bs', 1), ('size', 1), ('seed', 0), ('warmup', 0)): check_int(name, getattr(self, name), lo)
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf:
             raise ValueError(f"`lr` must be a number > 0, got {self.lr!r}")
         if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not 0 <= self.p < 1:
@@ -114,14 +119,83 @@ def check_builds(cfg:RunConfig, n_out:int=2):
 def run_learner(cfg:RunConfig, cbs=None) -> Learner:
     "The `Learner` of run `cfg`: data and initial weights from `cfg.seed`, then its precision and backend"
     set_seed(cfg.seed)
-    dls = get_dls(cfg.data, size=cfg.size, bs=cfg.bs, num_workers=cfg.workers)
+    dls = get_dls(cfg.data, size=cfg.size, bs=cfg.bs, num_workers=cfg.workers, pin_memory=default_device().type == 'cuda')
     set_seed(cfg.seed)
-    learn = Learner(dls, build_model(cfg, dls.c), metrics=accuracy, cbs=cbs)
+    learn = Learner(dls, build_model(cfg, dls.c).to(dls.device), metrics=accuracy, cbs=cbs)
     if cfg.precision == 'bf16': learn.to_bf16()
     if cfg.precision == 'fp16': learn.to_fp16()
-    if cfg.backend == 'channels_last': learn.to_channelslast(use_amp=False)
-    if cfg.backend == 'compile': learn.model = torch.compile(learn.model)
+    backend = cfg.backend.split('+')
+    if 'channels_last' in backend: learn.to_channelslast(use_amp=False)
+    if 'compile' in backend: learn.model = torch.compile(learn.model)
     return learn
+
+# %% ../nbs/06a_run.ipynb #75425b22
+def _first_batches(dl, n):
+    "`n` copies of `dl`'s first batch, then one of the size of its last batch if that is smaller"
+    b = dl.one_batch()
+    last = 0 if dl.drop_last else dl.n % dl.bs
+    return [b]*n + ([tuple(t[:last] for t in b)] if 0 < last < len(b[0]) else [])
+
+def warm_up(learn:Learner, steps:int=2, cbs=()) -> Learner:
+    "Fit `steps` train batches and validate `steps` valid batches (and one of the last one's size) without `cbs`, then undo it"
+    if not steps: return learn
+    dls, opt = learn.dls, learn.opt
+    weights = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}   # and BN statistics
+    shuffles = [dl.rng.getstate() for dl in dls.loaders]
+    try:
+        with random_state_kept():
+            train, valid = (DataLoader(_first_batches(dl, steps), bs=None, device=dls.device) for dl in (dls.train, dls.valid))
+            learn.dls, learn.opt = DataLoaders(train, valid, path=dls.path, device=dls.device), None   # a throwaway optimizer
+            with learn.removed_cbs(cbs), learn.no_logging(), learn.no_bar(): learn.fit(1)
+    finally:
+        learn.dls, learn.opt = dls, opt
+        for dl, state in zip(dls.loaders, shuffles): dl.rng.setstate(state)
+        learn.model.load_state_dict(weights)
+        learn.model.zero_grad(set_to_none=True)
+    return learn
+
+# %% ../nbs/06a_run.ipynb #4809d3ac
+def _trim():
+    "Collect garbage, and give freed memory back to the system where the C library can (glibc)"
+    gc.collect()
+    try: ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError): pass
+
+def _reset_peak_rss() -> bool:
+    "Restart this process's peak resident set from now (Linux); whether it could"
+    try:
+        with open('/proc/self/clear_refs', 'w') as f: f.write('5')
+        return True
+    except OSError: return False
+
+def _peak_rss():
+    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM'))
+
+class PeakMemory:
+    "Context manager: `.mb`, the peak memory of the block above its start: allocated tensors on CUDA, else this process's resident set"
+    def __init__(self, device='cpu'): self.device = torch.device(device)
+
+    def __enter__(self):
+        _trim()
+        if self.device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            return self
+        self.start, self._stop = psutil.Process().memory_info().rss, None
+        if not _reset_peak_rss():   # sample it instead
+            self._peak, self._stop = self.start, threading.Event()
+            threading.Thread(target=self._sample, daemon=True).start()
+        return self
+
+    def _sample(self):
+        proc = psutil.Process()
+        while not self._stop.wait(0.005): self._peak = max(self._peak, proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        if self.device.type == 'cuda': peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._stop is None: peak = _peak_rss()
+        else: self._stop.set(); peak = self._peak
+        self.mb = max(0, peak - self.start) / 2**20
 
 # %% ../nbs/06a_run.ipynb #baad0d72
 def _cpu_model():
@@ -156,11 +230,6 @@ RESULT_TYPES = dict(accuracy=float, valid_loss=float, train_loss=float, train_ms
 CONTEXT_TYPES = dict(device=str, cpu=str, cores=int, threads=int, python=str, torch_version=str, fastai_version=str,
                      cuda_version=str, clock=str, other_load=float)
 
-def _peak_memory_mb(device):
-    "Peak memory in MB: CUDA's peak allocation on a GPU, else the process's peak resident set"
-    if device.type == 'cuda': return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-
 def _wandb_run(cfg, group, log_dir):
     import wandb
     from fastai.callback.wandb import WandbCallback
@@ -169,18 +238,18 @@ def _wandb_run(cfg, group, log_dir):
     return run, [WandbCallback(log_preds=False, log_model=False, log_dataset=False)]
 
 def train_run(cfg:RunConfig, group:str|None=None, log_dir=None) -> dict:
-    "Train run `cfg` with `fit_one_cycle` under `BatchTimer` (and W&B, in `group`, if `cfg.wandb`); its record"
+    "Train run `cfg` with `fit_one_cycle` under `BatchTimer` (and W&B, in `group`, if `cfg.wandb`) after `warm_up`; its record"
     if cfg.wandb: check_wandb_login()
     run, cbs = _wandb_run(cfg, group, log_dir) if cfg.wandb else (None, [])
     timer = BatchTimer()
     try:
         with OtherLoad() as load:
-            learn = run_learner(cfg, cbs=[timer, *cbs])
+            learn = warm_up(run_learner(cfg, cbs=[timer, *cbs]), cfg.warmup, cbs=[timer, *cbs])
             device = next(learn.model.parameters()).device
-            if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-            learn.fit_one_cycle(cfg.epochs, cfg.lr)
-            fit_s = time.perf_counter() - start
+            with PeakMemory(device) as mem:
+                start = time.perf_counter()
+                learn.fit_one_cycle(cfg.epochs, cfg.lr)
+                fit_s = time.perf_counter() - start
     except BaseException:
         if run: run.finish(exit_code=1)   # the W&B run shows as failed, not as running forever
         raise
@@ -192,7 +261,7 @@ def train_run(cfg:RunConfig, group:str|None=None, log_dir=None) -> dict:
                    train_ms=ms['train', 'total'], valid_ms=ms['valid', 'total'],
                    **{f'train_{p}_ms': ms['train', p] for p in PHASES}, **{f'valid_{p}_ms': ms['valid', p] for p in PHASES},
                    samples_per_s=float(summary.samples_per_s['train', 'total']), params=sum(p.numel() for p in learn.model.parameters()),
-                   peak_memory_mb=_peak_memory_mb(device), fit_s=fit_s, layer_orders=layer_orders(learn.model))
+                   peak_memory_mb=mem.mb, fit_s=fit_s, layer_orders=layer_orders(learn.model))
     record = dict(config=asdict(cfg), results=results, context=context)
     if run: run.summary.update({k: v for k, v in results.items() if k != 'layer_orders'}); run.finish()
     return record

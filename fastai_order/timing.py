@@ -13,10 +13,11 @@ import numpy as np, pandas as pd, torch
 from fastcore.basics import patch
 from fastai.callback.core import Callback
 from fastai.torch_core import find_bs
-from .cli import check_int
+from .cli import check_int, check_choice
+from .clock import Clock, CudaClock, check_clock, device_clock
 
 # %% auto #0
-__all__ = ['PHASES', 'SPLITS', 'OUTCOMES', 'PHASE_COLORS', 'phase_times', 'CudaEvents', 'BatchTimer']
+__all__ = ['PHASES', 'SPLITS', 'OUTCOMES', 'PHASE_COLORS', 'phase_times', 'BatchTimer']
 
 # %% ../nbs/03_timing.ipynb #075dd65f
 PHASES = ('data', 'forward', 'loss', 'backward', 'step', 'other')
@@ -27,30 +28,15 @@ _WORK = {('after_batch','before_batch'):'data', ('before_train','before_batch'):
 _BATCH_EVENTS = {'before_batch', 'after_pred', 'after_loss', 'before_backward', 'after_backward', 'before_step', 'after_step',
                  'after_cancel_backward', 'after_cancel_step', 'after_cancel_batch', 'after_batch'}
 
-def phase_times(marks, times):
-    "Split the time between consecutive `marks` (`(event, after_callbacks)` pairs) taken at `times` into `PHASES`"
+def phase_times(marks, durations):
+    "Split `durations`, the times between consecutive `marks` (`(event, after_callbacks)` pairs), into `PHASES`"
     out = dict.fromkeys(PHASES, 0)
-    for (ea,ta),(eb,tb),t0,t1 in zip(marks, marks[1:], times, times[1:]):
-        out[_WORK.get((ea,eb), 'other') if ta and not tb else 'other'] += t1 - t0
+    for (ea,ta),(eb,tb),d in zip(marks, marks[1:], durations):
+        out[_WORK.get((ea,eb), 'other') if ta and not tb else 'other'] += d
     return out
 
 # %% ../nbs/03_timing.ipynb #bf770400
-class CudaEvents:
-    "Device clock: one `torch.cuda.Event` per mark, read only once complete"
-    def __init__(self, event_cls=None): self.event_cls = event_cls or partial(torch.cuda.Event, enable_timing=True)
-
-    def mark(self):
-        "Record an event on the current stream; this does not wait for the device"
-        e = self.event_cls(); e.record(); return e
-
-    def offsets(self, events):
-        "Nanoseconds from `events[0]` to each of `events`, or `None` while the last one is still in flight"
-        if not events[-1].query(): return None
-        return [round(events[0].elapsed_time(e)*1e6) for e in events]
-
-    def wait(self, event):
-        "Block until `event` (and so every event recorded before it on its stream) has completed"
-        event.synchronize()
+_BOUNDARIES = {(e, True) for e,_ in _WORK} | {(e, False) for _,e in _WORK}   # a mark where a phase other than `other` starts or ends
 
 # %% ../nbs/03_timing.ipynb #35c3e39f
 SPLITS = ('train', 'valid', 'validate', 'get_preds')
@@ -90,11 +76,6 @@ class _Rows:
     def array(self): return self.a[:self.n] if self.n <= self.cap else np.roll(self.a, -(self.n % self.cap), 0)
 
 # %% ../nbs/03_timing.ipynb #677df3d3
-def _check_in(name, vals, allowed):
-    bad = [v for v in vals if v not in allowed]
-    if bad: raise ValueError(f"Unknown {name} {', '.join(map(repr, bad))}: expected one of {', '.join(map(repr, allowed))}")
-    return list(vals)
-
 class _BatchTimerHead(Callback):
     "Marks each event before every other callback, for its `BatchTimer`"
     order,name = -1000,'batch_timer_head'
@@ -113,24 +94,23 @@ class _PrivateState:
 class BatchTimer(_PrivateState, Callback):
     "Time every batch's phases (`PHASES`) on the host and, for a model on CUDA, on the device"
     order = 1000
-    _stateattrs = ('_head', '_log', '_pending', '_keys', '_ts', '_evs', '_start', '_device')
+    _stateattrs = ('_head', '_log', '_keys', '_ts', '_dkeys', '_evs', '_start', '_dstart', '_device')
     def __init__(self,
         warmup:int=2, # batches of each split and epoch left out of `summary` and `plot`'s distributions
         max_rows:int=100_000, # raw rows kept (the newest); aggregates cover every batch
-        clock:str|CudaEvents='auto', # 'auto' (device events when the model is on CUDA), 'host', 'cuda', or a `CudaEvents`
+        clock:str|Clock='auto', # 'auto' (device events when the model is on CUDA), 'host', 'cuda', or a `Clock` for the device times
         wandb_every:float|None=0.5, # seconds between W&B logs when a run is active; `None` turns W&B logging off
     ):
-        self.warmup,self.max_rows = check_int('warmup', warmup, 0),check_int('max_rows', max_rows, 1)
-        if not (clock in ('auto', 'host', 'cuda') or isinstance(clock, CudaEvents)):
-            raise ValueError(f"`clock` must be 'auto', 'host', 'cuda' or a `CudaEvents`, got {clock!r}")
+        self.warmup,self.max_rows,self.clock = check_int('warmup', warmup, 0),check_int('max_rows', max_rows, 1),check_clock(clock)
         if wandb_every is not None and not wandb_every > 0: raise ValueError(f"`wandb_every` must be > 0 seconds or None, got {wandb_every!r}")
-        self.clock,self.wandb_every = clock,wandb_every
+        self.wandb_every = wandb_every
         self.rows,self.stats,self.n_runs = _Rows(self.max_rows),{},0
         self._init_state()
 
     def _init_state(self):
-        self._head,self._log,self._pending,self._device = _BatchTimerHead(self),None,[],None
-        self._keys,self._ts,self._evs,self._start,self._last,self._skip,self._cur_split,self._trained = None,None,None,None,None,False,None,False
+        self._head,self._log,self._device = _BatchTimerHead(self),None,None
+        self._keys,self._ts,self._dkeys,self._evs,self._start,self._dstart = None,None,None,None,None,None
+        self._last,self._skip,self._cur_split,self._trained = None,False,None,False
 
 # %% ../nbs/03_timing.ipynb #753153f4
 @patch
@@ -138,16 +118,17 @@ def _mark(self:BatchTimer, event, tail):
     "Take a mark for `event`, before (`tail=False`) or after (`tail=True`) the other callbacks"
     t = time.perf_counter_ns()
     if self._skip: return
+    key = (event, tail)
     if event in _BATCH_EVENTS:
-        if event == 'before_batch' and not tail: self._keys,self._ts,self._evs = [],[],[]
+        if event == 'before_batch' and not tail:   # a batch starts where the last one (or the split) ended
+            self._keys,self._ts = ([k] for k in self._start) if self._start else ([], [])
+            self._dkeys,self._evs = ([k] for k in self._dstart) if self._dstart else ([], [])
         if self._keys is None: return
-        if self._start is not None and not self._keys:
-            k,st,se = self._start; self._keys.append(k); self._ts.append(st); self._evs.append(se)
-        self._keys.append((event, tail)); self._ts.append(t)
-        self._evs.append(self._device.mark() if self._device else None)
+        self._keys.append(key); self._ts.append(t)
+        if self._device and key in _BOUNDARIES: self._dkeys.append(key); self._evs.append(self._device.mark())
         if event == 'after_batch' and tail: self._end_batch()
     elif tail and event in ('before_train', 'before_validate'):
-        self._start = ((event, True), t, self._device.mark() if self._device else None)
+        self._start,self._dstart = (key, t),((key, self._device.mark()) if self._device else None)
 
 @patch
 def __call__(self:BatchTimer, event_name):
@@ -159,21 +140,15 @@ def __call__(self:BatchTimer, event_name):
     if handler: handler(self)
 
 # %% ../nbs/03_timing.ipynb #a8cd78ce
-def _model_on_cuda(model):
-    p = next(iter(model.parameters()), None)
-    return p is not None and p.is_cuda
-
 @patch
 def _before_fit(self:BatchTimer):
     self._skip = hasattr(self.learn, 'lr_finder')  # lr_find's mock training is not timed
     if self._skip: return
     if self._head not in self.learn.cbs: self.learn.add_cb(self._head)
     self.n_runs += 1; self._trained = False; self._log = None
-    if isinstance(self.clock, CudaEvents): self._device = self.clock
-    elif self.clock == 'cuda' or (self.clock == 'auto' and _model_on_cuda(self.learn.model)):
-        if not torch.cuda.is_available(): raise RuntimeError("BatchTimer(clock='cuda') needs CUDA, which is not available")
-        self._device = CudaEvents()
-    else: self._device = None
+    device = device_clock(self.clock, self.learn.model, self._device)
+    if self._device not in (None, device): self._device.drain(wait=True)   # the last run's device times, before its clock goes
+    self._device = device
 
 @patch
 def _before_train(self:BatchTimer):
@@ -217,37 +192,42 @@ def _ns_list(d): return [d[p] for p in PHASES] + [sum(d.values())]
 
 @patch
 def _end_batch(self:BatchTimer):
-    keys,ts,evs = self._keys,self._ts,self._evs
-    self._keys,self._start = None,(keys[-1], ts[-1], evs[-1])
-    host,split,it,bs = _ns_list(phase_times(keys, ts)),self._cur_split,self.learn.iter,find_bs(self.learn.yb or self.learn.xb)
+    keys,ts,dkeys,evs = self._keys,self._ts,self._dkeys,self._evs
+    self._keys,self._start = None,(keys[-1], ts[-1])
+    host = _ns_list(phase_times(keys, [b - a for a,b in zip(ts, ts[1:])]))
+    split,it,bs = self._cur_split,self.learn.iter,find_bs(self.learn.yb or self.learn.xb)
     row = [self.n_runs, self.learn.epoch if split in ('train','valid') else 0, it, bs, SPLITS.index(split),
            OUTCOMES.index(_outcome(keys, split == 'train'))] + host + [np.nan]*7
     i = self.rows.append(row)
-    if it >= self.warmup: _stats(self.stats, ('host', split)).add(host, bs)
-    if self._log and split in ('train', 'valid'): self._log.add(split, host, bs)
-    if self._device: self._pending.append((i, split, it, bs, keys, evs))
-    self._resolve()
+    self._add('host', split, it, bs, host)
+    if self._device:
+        self._dstart = dkeys[-1], evs[-1]   # the next batch starts on this event: it is reused once that batch is read
+        self._device.later(evs, partial(self._device_times, i, split, it, bs, dkeys), reuse=evs[:-1])
     if self._log: self._log.maybe_log()
 
 @patch
+def _device_times(self:BatchTimer, i, split, it, bs, keys, durations):
+    "Store the device times of row `i`, once its events have completed"
+    dev = _ns_list(phase_times(keys, durations))
+    self.rows.set(i, _DEVICE, dev)
+    self._add('device', split, it, bs, dev)
+
+@patch
+def _add(self:BatchTimer, clock, split, it, bs, ns):
+    "Add a batch's times on `clock` to the running aggregates and the W&B window"
+    if it >= self.warmup: _stats(self.stats, (clock, split)).add(ns, bs)
+    if self._log and split in ('train', 'valid'): self._log.add(split, ns, bs, prefix='device_' if clock == 'device' else '')
+
+@patch
 def _resolve(self:BatchTimer, wait=False):
-    "Fill in the device times of finished batches whose events have completed (all of them if `wait`)"
-    if wait and self._pending: self._device.wait(self._pending[-1][-1][-1])
-    while self._pending:
-        i,split,it,bs,keys,evs = self._pending[0]
-        offs = self._device.offsets(evs)
-        if offs is None: return
-        self._pending.pop(0)
-        dev = _ns_list(phase_times(keys, offs))
-        self.rows.set(i, _DEVICE, dev)
-        if it >= self.warmup: _stats(self.stats, ('device', split)).add(dev, bs)
-        if self._log and split in ('train', 'valid'): self._log.add(split, dev, bs, prefix='device_')
+    "Fill in the device times of finished batches whose events have completed (all of them, waiting once, if `wait`)"
+    if self._device: self._device.drain(wait)
 
 # %% ../nbs/03_timing.ipynb #ac857297
 @patch(as_prop=True)
 def df(self:BatchTimer):
     "One row per recorded batch (the newest `max_rows`); waits for device times still in flight"
-    if self._device: self._resolve(wait=True)
+    self._resolve(wait=True)
     df = pd.DataFrame(self.rows.array(), columns=_COLS)
     for c in ('run', 'epoch', 'iter', 'bs'): df[c] = df[c].astype(int)
     df['split'] = pd.Categorical.from_codes(df.split.astype(int), SPLITS)
@@ -268,16 +248,23 @@ def _summary_rows(split, n, s, s2, q, bs):
     return rows
 
 @patch
+def _clock(self:BatchTimer, clock):
+    "The clock `clock` names: 'auto' is 'device' when device times were recorded, else 'host'"
+    check_choice('clock', clock, ('auto', 'host', 'device'))
+    self._resolve(wait=True)
+    if clock != 'auto': return clock
+    return 'device' if not np.isnan(self.rows.array()[:, _DEVICE.stop-1]).all() or any(k[0] == 'device' for k in self.stats) else 'host'
+
+@patch
 def summary(self:BatchTimer,
     warmup:int|None=None, # batches left out per split and epoch; `None`: the timer's `warmup`
-    clock:str='host', # 'host' or 'device'
+    clock:str='auto', # 'device', 'host', or 'auto': device times when there are any (a model on CUDA), else host times
     phases:list|None=None, # phases to show (`PHASES` and 'total'); `None`: all
 ):
-    "Per split and phase: n, mean, std, p50, p90, p99 (ms), total (s), % of the batch total, and samples/s"
+    "Per split and phase: n, mean, std, p50, p90, p99 (ms), total (s), % of the batch total, and samples/s; `.attrs['clock']` names the clock"
     warmup = self.warmup if warmup is None else check_int('warmup', warmup, 0)
-    _check_in('clock', [clock], ('host', 'device'))
-    phases = _check_in('phase', phases, PHASES + ('total',)) if phases is not None else list(PHASES) + ['total']
-    if self._device: self._resolve(wait=True)
+    phases = [check_choice('phase', p, PHASES + ('total',)) for p in phases] if phases is not None else list(PHASES) + ['total']
+    clock = self._clock(clock)
     parts = []
     if not self.rows.dropped:
         a = self.rows.array()
@@ -295,7 +282,9 @@ def summary(self:BatchTimer,
             if st: parts.append(_summary_rows(split, st.n, np.array(st.s), np.array(st.s2), [st.quantile(q) for q in (.5, .9, .99)], st.bs))
     if not parts: raise ValueError(f"BatchTimer has no {clock} times after warmup={warmup}: fit, validate or get_preds first")
     res = pd.concat(parts).set_index(['split', 'phase'])
-    return res[res.index.get_level_values('phase').isin(phases)]
+    res = res[res.index.get_level_values('phase').isin(phases)]
+    res.attrs['clock'] = clock
+    return res
 
 # %% ../nbs/03_timing.ipynb #bdbd2fba
 PHASE_COLORS = dict(data='#4c72b0', forward='#55a868', loss='#c44e52', backward='#8172b2', step='#ccb974', other='#8c8c8c')
@@ -303,18 +292,18 @@ PHASE_COLORS = dict(data='#4c72b0', forward='#55a868', loss='#c44e52', backward=
 @patch
 def plot(self:BatchTimer,
     splits:list|None=None, # splits to draw; `None`: every recorded split
-    clock:str='host', # 'host' or 'device'
+    clock:str='auto', # 'device', 'host', or 'auto': device times when there are any (a model on CUDA), else host times
     warmup:int|None=None, # batches shaded and left out of the distributions; `None`: the timer's `warmup`
     figsize=None):
-    "Per split: stacked per-batch phase times, and each phase's distribution after warm-up"
+    "Per split: stacked per-batch phase times, and each phase's distribution after warm-up; the titles name the clock"
     import matplotlib.pyplot as plt
     warmup = self.warmup if warmup is None else check_int('warmup', warmup, 0)
-    _check_in('clock', [clock], ('host', 'device'))
+    clock = self._clock(clock)
     if not self.rows.n: raise ValueError("BatchTimer has no batches to plot: fit, validate or get_preds first")
     df,pre = self.df,('device_' if clock == 'device' else '')
     if f'{pre}total_ms' not in df: raise ValueError(f"BatchTimer has no {clock} times (device times need a model on CUDA)")
     have = [s for s in SPLITS if (df.split == s).any()]
-    splits = have if splits is None else _check_in('split', splits, have)
+    splits = have if splits is None else [check_choice('split', s, have) for s in splits]
     fig,axs = plt.subplots(len(splits), 2, figsize=figsize or (12, 3.2*len(splits)), squeeze=False,
                            gridspec_kw=dict(width_ratios=[3, 1]))
     for (tl,dist),split in zip(axs, splits):

@@ -129,6 +129,7 @@ class TimingLog:
         self.log()
         if summary is None or wandb.run is None: return
         s = summary.reset_index()
+        wandb.run.summary['timing/clock'] = summary.attrs.get('clock', 'host')
         for r in s.itertuples():
             wandb.run.summary[f'timing/{r.split}/{r.phase}_ms'] = r.mean_ms
             wandb.run.summary[f'timing/{r.split}/{r.phase}_pct'] = r.pct

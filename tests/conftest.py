@@ -1,6 +1,8 @@
 "Shared test helpers: a small Imagenette-shaped folder, and the warnings filter."
-import numpy as np, pytest
+import numpy as np, pytest, torch
 from PIL import Image
+
+cuda = pytest.mark.cuda   # tests that need a CUDA GPU; skipped where there is none
 
 WNIDS = ['n01440764', 'n02102040', 'n02979186']   # tench, English springer, cassette player
 
@@ -26,10 +28,19 @@ def tiny_data(tmp_path_factory):
 
 
 def pytest_configure(config):
-    "Silence third-party deprecation noise that says nothing about this package"
+    "Register the `cuda` marker; silence third-party deprecation noise that says nothing about this package"
+    config.addinivalue_line('markers', 'cuda: needs a CUDA GPU (skipped without one)')
     for f in ["ignore:`torch.jit.script` is deprecated:FutureWarning",
               "ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning",
               "ignore:load_learner` uses Python's insecure pickle:UserWarning",
               "ignore:The 'mode.chained_assignment' option is deprecated",
               "ignore:numpy.core is deprecated:DeprecationWarning"]:
         config.addinivalue_line('filterwarnings', f)
+
+
+def pytest_collection_modifyitems(config, items):
+    "Skip the tests marked `cuda` where there is no CUDA GPU"
+    if torch.cuda.is_available(): return
+    skip = pytest.mark.skip(reason='needs a CUDA GPU')
+    for item in items:
+        if 'cuda' in item.keywords: item.add_marker(skip)

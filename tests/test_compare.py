@@ -1,6 +1,6 @@
-"`compare_orders` and `fastai-order-compare` on a tiny Imagenette-shaped folder: resume, refusals before anything is created, single runs, W&B offline, Ctrl-C."
+"`compare_orders` and `fastai-order-compare` on a tiny Imagenette-shaped folder: resume, refusals before anything is created, single runs, W&B offline, Ctrl-C, bf16 on CUDA."
 import json
-import pandas as pd, pytest, wandb
+import pandas as pd, pytest, torch, wandb
 import fastai_order.compare as compare
 import fastai_order.data as data
 from fastai_order.compare import compare_orders, compare_cli
@@ -83,6 +83,7 @@ def test_a_damaged_or_copied_run_file_is_named_and_never_counted(tiny_data, cfg,
     (dict(orders='resnet,conv-bn-act'), "build the same model (conv-bn-act-pool): give each order once"),
     (dict(orders='resnet,resnet_pool_drop'), "places 'drop' but the CNN has no dropout"),
     (dict(workers=-1), '`workers` must be an integer ≥ 0, got -1'), (dict(size=4), "size=4 is too small for cnn"),
+    (dict(warmup=-1), '`warmup` must be an integer ≥ 0, got -1'), (dict(backend='channels_last+compil'), "did you mean 'channels_last+compile'?"),
     (dict(data='imagenette-160'), "Could not download 'imagenette-160'"),
     (dict(wandb=True), "W&B logging needs an API key: run `wandb login` or set WANDB_API_KEY, or log offline with WANDB_MODE=offline")])
 def test_bad_input_stops_before_anything_is_created(tiny_data, tmp_path, monkeypatch, bad, msg):
@@ -94,6 +95,31 @@ def test_bad_input_stops_before_anything_is_created(tiny_data, tmp_path, monkeyp
     with pytest.raises(SystemExit) as e: compare_cli(**{**args, **bad})
     assert str(e.value).startswith('fastai-order-compare: ') and msg in str(e.value) and '\n' not in str(e.value)
     assert not (tmp_path/'out').exists()
+
+
+def test_a_folder_from_before_the_warm_up_is_refused_before_anything_is_trained(cfg, tiny_data, tmp_path, monkeypatch):
+    "Its runs were timed without warm-up, with the process's lifetime peak memory: they do not compare with new ones"
+    monkeypatch.setattr(compare, 'train_run', lambda *a, **k: pytest.fail('trained'))
+    (tmp_path/'runs').mkdir(parents=True)
+    (tmp_path/'config.json').write_text(json.dumps({k: v for k, v in cfg.key.items() if k != 'warmup'}))
+    (tmp_path/'runs'/'conv_bn_act_pool__seed0.json').write_text('{}')
+    with pytest.raises(SystemExit, match=r"holds runs of another configuration \(warmup: None there, 2 now\): use another out folder"):
+        compare_cli(orders='resnet', data=str(tiny_data), seeds=1, epochs=1, bs=4, size=16, workers=0, out=str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json', 'runs']
+
+
+@pytest.mark.cuda
+def test_a_bf16_comparison_on_cuda_times_the_device_and_compares_memory(cfg, tmp_path):
+    bf16 = cfg.replace(precision='bf16', backend='channels_last')
+    runs = compare_orders(['resnet', 'bn_after'], bf16, seeds=1, out=tmp_path/'a').runs
+    assert json.loads((tmp_path/'a'/'config.json').read_text())['precision'] == 'bf16'
+    assert (runs.clock == 'device').all() and (runs.device == torch.cuda.get_device_name()).all()
+    assert (runs.train_forward_ms > 0).all() and (runs.train_backward_ms > 0).all() and (runs.valid_forward_ms > 0).all()
+    again = compare_orders(['resnet'], bf16, seeds=1, out=tmp_path/'b').runs.peak_memory_mb[0]   # the same run, later in the process
+    first = runs.set_index('order').peak_memory_mb['conv-bn-act-pool']
+    assert 0 < first and abs(again - first) <= 0.1 * first, (first, again)
+    with pytest.raises(ValueError, match=r"\(precision: 'bf16' there, 'fp32' now\)"):
+        compare_orders(['resnet', 'bn_after'], cfg.replace(backend='channels_last'), seeds=1, out=tmp_path/'a')
 
 
 def test_ctrl_c_says_how_to_resume(cfg, tiny_data, tmp_path, monkeypatch):

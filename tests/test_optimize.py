@@ -1,15 +1,17 @@
 "`optimize_order` on random conv stacks and on the models users have: the result computes what the original does, in place keeps what a Learner trains, bad cases are refused."
-import copy
+import copy, contextlib
 from types import SimpleNamespace
 import pytest, torch, torch.nn as nn, torchvision
 from hypothesis import given, settings, strategies as st, HealthCheck
 from fastai.layers import ConvLayer
 from fastai.learner import Learner
 from fastai.vision.models.xresnet import xresnet18
-from fastai_order.commute import ACTIVATIONS
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+import fastai_order.optimize as opt
+from fastai_order.commute import ACTIVATIONS, conditions_of
 from fastai_order.layers import ordered_cnn
 from fastai_order.optimize import optimize_order, plan_rewrites
-from fastai_order.bench import synthetic_dls
+from fastai_order.bench import synthetic_dls, optimize_models
 
 ACTS = [nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.Tanh, nn.SiLU, nn.Hardswish, nn.ReLU6, nn.Softplus]
 CONV, BN, POOL, DROP = (nn.Conv1d, nn.Conv2d, nn.Conv3d), (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), \
@@ -59,7 +61,7 @@ def test_random_stacks_compute_the_same(stack, mode):
     x = torch.randn(4, c, *[{1: 48, 2: 24, 3: 16}[nd]] * nd)
     before = run(model, x, mode)
     r = optimize_order(model, mode, example=x, reps=0)
-    assert r.error <= 1e-4
+    assert r.error <= 1e-9 and (r.grad_error is None) == (mode == 'eval') and (r.grad_error or 0) <= 1e-9
     y = torch.randn_like(x)   # an input the optimizer did not check on
     torch.testing.assert_close(run(r.model, y, mode), run(model, y, mode), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(run(model, x, mode), before)   # the original is untouched
@@ -113,10 +115,138 @@ def test_a_wrong_fact_is_refused_and_nothing_changes():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), Bump(), nn.MaxPool2d(2))
     ACTIVATIONS[Bump] = (True, True, True)
     try:
-        with pytest.raises(ValueError, match=r"refused.*outputs.*more than tol=0.0001\. Nothing was changed.*conv-bn-act-maxpool → conv-bn-maxpool-act"):
+        with pytest.raises(ValueError, match=r"refused \(equivalence\): in float64 the rewrite of 0 conv-bn-act-maxpool → conv-bn-maxpool-act "
+                                             r"changes the group's output by .* more than tol=1e-09: it computes another function\. Nothing was changed\."):
             optimize_order(model, inplace=True, reps=0)
     finally: del ACTIVATIONS[Bump]
     assert [type(m).__name__ for m in model] == ['Conv2d', 'BatchNorm2d', 'Bump', 'MaxPool2d']
+
+
+def _negative_gamma(model):
+    "`model` with a negative BN γ in every other channel, so that max pooling does not commute with its BNs"
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d): m.weight[::2] *= -1; m.running_mean.normal_(); m.running_var.uniform_(0.5, 2)
+    return model
+
+WRONG = {   # a wrong fact for the rules, the model and mode it leads astray, and the group whose rewrite must be refused
+    'GELU declared monotone': (lambda mp: mp.setitem(ACTIVATIONS, nn.GELU, (True, False, True)),
+                               lambda: ordered_cnn(3, 4, (8, 8), order='conv-bn-act-pool', act_cls=nn.GELU), 'train', '0.conv conv-bn-act-maxpool'),
+    'SiLU declared monotone': (lambda mp: mp.setitem(ACTIVATIONS, nn.SiLU, (True, False, True)),
+                               lambda: ordered_cnn(3, 4, (8, 8), order='conv-bn-act-pool', act_cls=nn.SiLU).eval(), 'eval', '0.conv conv-bn-act-maxpool'),
+    'negative BN γ declared ≥ 0': (lambda mp: mp.setattr(opt, 'conditions_of', lambda mods, mode: {**conditions_of(mods, mode), 'bn_scale_nonneg': True}),
+                                   lambda: _negative_gamma(ordered_cnn(3, 4, (8, 8), order='conv-act-bn-pool')).eval(), 'eval', '0.conv conv-act-bn-maxpool'),
+}
+
+@pytest.mark.parametrize('precision', ['float32', 'bfloat16', 'autocast bfloat16', 'channels_last'])
+@pytest.mark.parametrize('wrong', list(WRONG))
+def test_a_wrong_rewrite_is_refused_at_every_precision(monkeypatch, wrong, precision):
+    lie, make, mode, group = WRONG[wrong]
+    torch.manual_seed(0)
+    model = make()
+    if precision == 'bfloat16': model = model.to(torch.bfloat16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    lie(monkeypatch)
+    assert plan_rewrites(model, mode), 'the wrong fact leads to a rewrite'
+    ctx = torch.autocast('cpu', dtype=torch.bfloat16) if precision == 'autocast bfloat16' else contextlib.nullcontext()
+    with ctx, pytest.raises(ValueError, match=rf"refused \(equivalence\): in float64 the rewrite of {group}"):
+        optimize_order(model, mode, inplace=True, channels_last=precision == 'channels_last', reps=0)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and model.state_dict().keys() == state.keys()
+
+
+def test_the_refusal_names_the_wrong_group_not_the_first():
+    class Bump(nn.Module):
+        def forward(self, x): return -x.abs()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), Bump(), nn.MaxPool2d(2))
+    ACTIVATIONS[Bump] = (True, True, True)
+    try:
+        with pytest.raises(ValueError, match="the rewrite of 4 conv-bn-act-maxpool"): optimize_order(model, reps=0)
+    finally: del ACTIVATIONS[Bump]
+
+
+def _bench_cnn(dtype=torch.float32):
+    return optimize_models('cnn')['cnn'].to(dtype)
+
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_a_bfloat16_model_is_accepted_at_the_defaults(mode):
+    "Before the two checks, the folded bfloat16 model (like TF32 on a GPU) differed from the original by ~4e-3 > tol and was refused"
+    model = _bench_cnn(torch.bfloat16)
+    r = optimize_order(model, mode, reps=0)
+    assert len(r.rows) == 3 and r.error <= 1e-9 and r.precision == 'bfloat16'
+    assert next(r.model.parameters()).dtype == torch.bfloat16
+    d, u = r.drift, 2.**-8
+    assert 1e-4 < d['original'] < 3e-2 and d['rewritten'] <= 4 * d['original'] + u   # bfloat16's own rounding, and no worse
+    assert (r.grad_drift is None) == (mode == 'eval')
+    if mode == 'eval':   # folded in float64 and rounded once
+        m0 = copy.deepcopy(model)
+        expect = fuse_conv_bn_eval(m0[0].conv.double().eval(), m0[0].bn.double().eval()).weight.to(torch.bfloat16)
+        assert torch.equal(r.model[0].conv.weight, expect)
+
+
+@pytest.mark.parametrize('how', ['context', 'argument'])
+def test_autocast_is_the_run_precision(how):
+    model = _bench_cnn().eval()
+    if how == 'context':
+        with torch.autocast('cpu', dtype=torch.bfloat16): r = optimize_order(model, 'eval', reps=0)
+    else: r = optimize_order(model, 'eval', autocast=torch.bfloat16, reps=0)
+    assert r.precision == 'float32 under autocast(bfloat16)' and r.drift['original'] > 1e-4   # bfloat16 convs, not float32
+    assert r.drift['rewritten'] <= 4 * r.drift['original'] + 2.**-8 and 'drift at float32 under autocast(bfloat16)' in r.title
+    assert next(r.model.parameters()).dtype == torch.float32
+    r = optimize_order(model, 'eval', reps=0)
+    assert r.precision == 'float32' and r.drift['original'] < 1e-5
+
+
+def test_channels_last_of_an_unchanged_bn_after_model_is_accepted():
+    "It used to be refused, its gradients ~1e-3 off the contiguous model's although nothing was rewritten: the layout's own rounding"
+    torch.manual_seed(0)
+    model = ordered_cnn(3, 10, (16, 32), order='bn_after')
+    r = optimize_order(model, channels_last=True, reps=0)
+    assert r.rows == [] and r.channels_last and r.grad_drift['rewritten'] <= 4 * r.grad_drift['original'] + 2.**-24
+
+
+def test_a_fold_that_loses_precision_is_refused_as_drift(monkeypatch):
+    "Exact in float64, so equivalent, but rounded through bfloat16 in a float32 model: the drift check refuses it"
+    fold = opt._fold
+    monkeypatch.setattr(opt, '_fold', lambda c, b: fold(c, b) if c.weight.dtype == torch.float64 else fold(c, b).to(torch.bfloat16).to(c.weight.dtype))
+    model = _bench_cnn().eval()
+    with pytest.raises(ValueError, match=r"refused \(drift\): at float32 the rewritten model's outputs are .* off the float64 result \(relative\), "
+                                         r"more than drift=4 × the original's .* \+ one rounding 6.0e-08\. Nothing was changed\."):
+        optimize_order(model, 'eval', channels_last=False, reps=0)
+    assert optimize_order(model, 'eval', channels_last=False, drift=1e6, reps=0).rows   # a looser `drift` lets it through
+
+
+def test_dropout_in_training_is_checked_with_the_same_masks_and_left_out_of_the_drift():
+    torch.manual_seed(0)
+    model = ordered_cnn(3, 10, (16, 32), order='conv-bn-act-pool-drop', p=0.3, drop_cls=nn.Dropout2d).to(torch.bfloat16)
+    r = optimize_order(model, reps=0)
+    assert r.rows and r.error == 0 and r.grad_error == 0 and r.grad_drift['rewritten'] <= 4 * r.grad_drift['original'] + 2.**-8
+
+
+def test_learner_with_mixed_precision_or_a_bfloat16_model():
+    learn = _learner(ordered_cnn(3, 4, (8, 16), order='conv-bn-act-pool')).to_fp16()
+    learn.fit(1)
+    r = learn.optimize_order('eval', reps=0)
+    assert r.model is learn.model and str(learn.model[0].order) == 'conv-pool-act' and r.precision == 'float32'   # fastai autocasts on CUDA only
+    learn.fit(1)
+    learn = _learner(ordered_cnn(3, 4, (8, 16), order='conv-bn-act-pool').to(torch.bfloat16))
+    r = learn.optimize_order(reps=0)
+    assert r.precision == 'bfloat16' and [str(l.order) for l in learn.model[:2]] == ['conv-bn-pool-act'] * 2
+
+
+@pytest.mark.cuda
+def test_cuda_tf32_is_accepted_and_a_wrong_rewrite_refused(monkeypatch):
+    "On an H100 at the defaults (TF32 convs) every model used to be refused: the folded model is ~6e-4 off the original in TF32"
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', True); monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', True)
+    for name, model in optimize_models().items():
+        model = model.cuda().eval()
+        x = torch.randn(8, 3, 224, 224, device='cuda')
+        r = optimize_order(model, 'eval', example=x)
+        assert r.rows and r.error <= 1e-9 and r.precision == 'float32 with TF32 convs', name
+        assert next(r.model.parameters()).is_cuda
+    monkeypatch.setitem(ACTIVATIONS, nn.GELU, (True, False, True))
+    model = ordered_cnn(3, 4, (8, 8), order='conv-bn-act-pool', act_cls=nn.GELU).cuda()
+    with pytest.raises(ValueError, match=r"refused \(equivalence\): in float64 the rewrite of 0.conv"): optimize_order(model, reps=0)
+    with torch.autocast('cuda', dtype=torch.bfloat16), pytest.raises(ValueError, match=r"refused \(equivalence\)"): optimize_order(model, reps=0)
 
 
 def test_bad_input_is_named():
@@ -155,6 +285,9 @@ NEEDS_TENSOR = "`example` must be a tensor batch of inputs for `model` (N×C×L,
     (lambda m, l: optimize_order(m, tol=float('nan')), ValueError, "`tol` must be a number ≥ 0, got nan"),
     (lambda m, l: optimize_order(m, tol='1e-4'), ValueError, "`tol` must be a number ≥ 0, got '1e-4'"),
     (lambda m, l: optimize_order(m, grad_tol=-1), ValueError, "`grad_tol` must be a number ≥ 0, got -1"),
+    (lambda m, l: optimize_order(m, drift=0.5), ValueError, "`drift` must be a number ≥ 1, got 0.5"),
+    (lambda m, l: optimize_order(m, autocast=torch.float64), TypeError, "`autocast` must be None (as the caller), torch.bfloat16 or torch.float16, got torch.float64"),
+    (lambda m, l: l.optimize_order(autocast='bf16'), TypeError, "`autocast` must be None (as the caller), torch.bfloat16 or torch.float16, got 'bf16'"),
     (lambda m, l: optimize_order(m, inplace='yes'), TypeError, "`inplace` must be True or False, got 'yes'"),
     (lambda m, l: optimize_order(m, channels_last='yes'), TypeError, "`channels_last` must be None, True or False, got 'yes'"),
     (lambda m, l: l.optimize_order('test'), ValueError, "`mode` must be 'train' or 'eval', got 'test'"),

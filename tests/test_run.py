@@ -1,7 +1,11 @@
-"`RunConfig` and `train_run`: every choice checked, the order recorded as the model realises it, backends by what they change, W&B changing no result."
-import pytest, torch, wandb
+"`RunConfig` and `train_run`: every choice checked, the order recorded as the model realises it, backends by what they change, W&B and the warm-up changing no result, peak memory a run's own."
+import random, re
+import numpy as np, pytest, torch, wandb
+from fastai.callback.core import Callback
 from fastai.callback.wandb import WandbCallback
-from fastai_order.run import RunConfig, train_run, run_learner, build_model, layer_orders
+from fastai.torch_core import find_bs
+from fastai_order.run import RunConfig, train_run, run_learner, build_model, layer_orders, warm_up
+from fastai_order.timing import BatchTimer
 
 TINY = dict(epochs=1, bs=4, size=16, workers=0)
 
@@ -9,6 +13,7 @@ TINY = dict(epochs=1, bs=4, size=16, workers=0)
 @pytest.mark.parametrize('bad, msg', [
     (dict(arch='xresnet81'), "Unknown arch 'xresnet81': did you mean 'xresnet18'?"),
     (dict(backend='channel_last'), "did you mean 'channels_last'?"), (dict(precision='bf61'), "did you mean 'bf16'?"),
+    (dict(backend='channels_last+compil'), "did you mean 'channels_last+compile'?"), (dict(warmup=-1), '`warmup` must be an integer ≥ 0, got -1'),
     (dict(pool='mx'), "did you mean 'max'?"), (dict(data='minst'), "did you mean 'mnist'?"),
     (dict(epochs=0), '`epochs` must be an integer ≥ 1, got 0'), (dict(workers=-1), '`workers` must be an integer ≥ 0, got -1'),
     (dict(lr=-1.), '`lr` must be a number > 0'), (dict(p=1.), '`p` must be a dropout probability in [0, 1)'),
@@ -17,7 +22,7 @@ TINY = dict(epochs=1, bs=4, size=16, workers=0)
     (dict(precision='bf16'), "precision 'bf16' needs CUDA")])
 def test_every_choice_is_checked(bad, msg):
     if 'precision' in bad and torch.cuda.is_available(): pytest.skip('mixed precision is allowed on CUDA')
-    with pytest.raises(ValueError, match=msg.replace('(', r'\(').replace(')', r'\)').replace('[', r'\[').replace('?', r'\?')): RunConfig(**bad)
+    with pytest.raises(ValueError, match=re.escape(msg)): RunConfig(**bad)
 
 
 def test_the_recorded_order_is_the_models(tiny_data):
@@ -43,16 +48,72 @@ def test_channels_last_trains_a_channels_last_model(tiny_data):
     assert conv(_fit(cfg.replace(backend='channels_last'))).weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_compile_trains_a_compiled_model(tiny_data):
+def test_compile_with_channels_last_trains_a_compiled_channels_last_model_compiled_in_the_warm_up(tiny_data):
     from torch._dynamo.eval_frame import OptimizedModule
     from torch._dynamo.utils import counters
-    cfg = RunConfig(data=str(tiny_data), backend='compile', **TINY)
+    cfg = RunConfig(data=str(tiny_data), backend='channels_last+compile', **TINY)
+    assert RunConfig(data=str(tiny_data), backend='compile+channels_last', **TINY) == cfg   # one configuration, one label
     before = build_model(cfg, 3).state_dict()
     counters.clear()
-    learn = _fit(cfg)
-    assert isinstance(learn.model, OptimizedModule) and counters['stats']['unique_graphs'] > 0
+    learn = warm_up(run_learner(cfg), cfg.warmup)
+    graphs = counters['stats']['unique_graphs']
+    assert isinstance(learn.model, OptimizedModule) and graphs > 0
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert counters['stats']['unique_graphs'] == graphs   # nothing left to compile in the timed fit
     after = learn.model._orig_mod.state_dict()
     assert not torch.equal(before['0.conv.weight'], after['0.conv.weight'])   # the compiled model is the one that trained
+    assert learn.model._orig_mod[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+class _Batches(Callback):
+    "Records each batch's split and size"
+    def __init__(self): self.seen = []
+    def after_batch(self): self.seen.append(('train' if self.training else 'valid', find_bs(self.yb)))
+
+
+def _random_states(learn):
+    return random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state().tolist(), [dl.rng.getstate() for dl in learn.dls.loaders]
+
+
+def test_warm_up_runs_batches_unseen_by_the_timer_then_puts_everything_back(tiny_data):
+    cfg = RunConfig(data=str(tiny_data), order='resnet_pool_drop', p=0.5, **{**TINY, 'bs': 5})   # 12 valid images: the last batch has 2
+    timer, batches = BatchTimer(), _Batches()
+    learn = run_learner(cfg, cbs=[timer, batches])
+    weights, states = {k: v.clone() for k, v in learn.model.state_dict().items()}, _random_states(learn)
+    warm_up(learn, 3, cbs=[timer])
+    assert batches.seen == [('train', 5)]*3 + [('valid', 5)]*3 + [('valid', 2)] and timer.rows.n == 0
+    after = learn.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in weights.items())   # weights and BN statistics
+    assert _random_states(learn) == states and learn.opt is None and all(p.grad is None for p in learn.model.parameters())
+
+
+def test_the_warm_up_changes_no_result(tiny_data):
+    "Dropout, BN statistics, shuffling and augmentation all draw on state the warm-up must put back"
+    cfg = RunConfig(data=str(tiny_data), order='resnet_pool_drop', p=0.5, **TINY)
+    keys = ('accuracy', 'valid_loss', 'train_loss')
+    cold, warm = (train_run(cfg.replace(warmup=w))['results'] for w in (0, 3))
+    assert [cold[k] for k in keys] == [warm[k] for k in keys]
+
+
+def test_two_runs_in_one_process_report_comparable_peak_memory(tiny_data):
+    cfg = RunConfig(data=str(tiny_data), **TINY)
+    first = train_run(cfg)['results']['peak_memory_mb']
+    x = torch.ones(2**27); del x   # 512 MiB made and freed between the runs: not the next run's memory
+    second = train_run(cfg)['results']['peak_memory_mb']
+    assert 0 < first < 100 and 0 < second < 100 and abs(first - second) <= 0.5 * max(first, second), (first, second)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('backend', ['eager', 'channels_last+compile'])
+def test_mixed_precision_trains_with_every_backend_on_cuda(tiny_data, backend):
+    learn = run_learner(RunConfig(data=str(tiny_data), precision='bf16', backend=backend, **TINY))
+    dtypes = []
+    conv = next(m for m in learn.model.modules() if isinstance(m, torch.nn.Conv2d))
+    if backend == 'eager': conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert next(learn.model.parameters()).is_cuda and all(np.isfinite(learn.recorder.values[-1]))
+    if backend == 'eager': assert set(dtypes) == {torch.bfloat16}   # fastai's autocast ran the convs in bf16
+    else: assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_wandb_changes_no_result(tiny_data, tmp_path, monkeypatch):

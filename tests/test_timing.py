@@ -11,7 +11,8 @@ from fastai.metrics import accuracy
 from fastai.vision.models.xresnet import xresnet18
 from fastai_order.bench import synthetic_dls
 from fastai_order.layers import ordered_cnn
-from fastai_order.timing import BatchTimer, CudaEvents, PHASES, _Stats, phase_times
+from fastai_order.timing import BatchTimer, PHASES, _Stats
+from fastai_order.clock import CudaClock
 from fastai_order.layer_timer import LayerTimer, ROLES
 
 PH = [f'{p}_ms' for p in PHASES]
@@ -81,7 +82,9 @@ def test_cancel_batch_and_step():
 def test_gradient_accumulation_and_fp16():
     t = BatchTimer()
     learn = learner(t, GradientAccumulation(32)).to_fp16()
-    with pytest.warns(UserWarning): fit(learn)  # GradScaler warns that CUDA is missing; it still runs
+    if torch.cuda.is_available(): fit(learn)
+    else:
+        with pytest.warns(UserWarning): fit(learn)  # GradScaler warns that CUDA is missing; it still runs
     d = t.df[t.df.split == 'train']
     assert list(d.outcome) == ['accumulate', 'step'] * 2
     assert (d.step_ms[d.outcome == 'accumulate'] == 0).all()
@@ -160,11 +163,16 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match='-1'): BatchTimer(warmup=-1)
     with pytest.raises(ValueError, match="'gpu'"): BatchTimer(clock='gpu')
     with pytest.raises(ValueError, match='0'): BatchTimer(wandb_every=0)
-    t = BatchTimer()
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match='CUDA'): fit(learner(BatchTimer(clock='cuda')))
+    t = BatchTimer(clock='host')
     with pytest.raises(ValueError, match='no batches'): t.plot()
     with pytest.raises(ValueError, match='no host times'): t.summary()
     fit(learner(t))
     with pytest.raises(ValueError, match="'forwards'"): t.summary(phases=['forwards'])
+    with pytest.raises(ValueError, match="'gpu'"): t.summary(clock='gpu')
+    assert t.summary().attrs['clock'] == 'host'
+    with pytest.raises(ValueError, match='no device times'): t.summary(clock='device')
     with pytest.raises(ValueError, match="'test'"): t.plot(splits=['test'])
     with pytest.raises(ValueError, match='device'): t.plot(clock='device')
     assert len(t.summary(warmup=0, phases=['forward', 'total'])) == 4
@@ -195,7 +203,7 @@ class FakeGPU:
 
 def fake_events(gpu):
     class FakeEvent:
-        def record(self):
+        def record(self, stream=None):
             self.idx, self.t = len(gpu.events), time.perf_counter_ns() + 1000  # the device runs 1 µs behind
             gpu.events.append(self)
         def query(self): return gpu.done(self)
@@ -203,7 +211,7 @@ def fake_events(gpu):
         def elapsed_time(self, end):
             if not (self.query() and end.query()): raise RuntimeError('event not complete')  # as CUDA does
             return (end.t - self.t) / 1e6
-    return CudaEvents(FakeEvent)
+    return CudaClock(FakeEvent)
 
 
 def test_cuda_events_no_waits_during_fit():
@@ -212,13 +220,28 @@ def test_cuda_events_no_waits_during_fit():
     learn = learner(t)
     fit(learn, 2)
     assert gpu.waits == 0 and len(gpu.events) > 0
-    assert len(t._pending) > 0  # the last batches were still "running" when the fit ended
+    assert t._device.pending > 0  # the last batches were still "running" when the fit ended
     d = t.df  # reading the results may wait, once
-    assert gpu.waits == 1 and not t._pending
+    assert gpu.waits == 1 and not t._device.pending
     assert d.device_total_ms.notna().all()
     exact_sums(t, 'device_')
     s = t.summary(clock='device')
     assert s.loc[('train', 'total'), 'n'] == 2*(len(learn.dls.train) - 2)
+
+
+def test_device_events_pooled_and_only_at_phase_boundaries():
+    "On a device whose clock is the count of records, each batch spans exactly its own records: 12 per train batch, 7 per valid"
+    gpu = FakeGPU(lag=30)
+    clock = fake_events(gpu)
+    clock.event_cls.elapsed_time = lambda self, end: (end.idx - self.idx) / 1e3   # 1 µs per record
+    t = BatchTimer(clock=clock)
+    learn = learner(t)
+    fit(learn, 2)
+    d = t.df
+    assert (d.device_total_ms[d.split == 'train'] == 0.012).all() and (d.device_total_ms[d.split == 'valid'] == 0.007).all()
+    assert (d[[f'device_{p}' for p in PH]] >= 0).all().all()
+    exact_sums(t, 'device_')
+    assert len(set(map(id, gpu.events))) < 60 < len(gpu.events)   # read events are recorded again
 
 
 def test_layer_timer_roles_and_cleanup():
@@ -237,10 +260,51 @@ def test_layer_timer_roles_and_cleanup():
 
 
 def test_layer_timer_cuda_path():
+    "On a device clock one batch in 8 is timed, and only those run with hooks; nothing waits for the device during the fit"
     gpu = FakeGPU(lag=500)
-    lt = LayerTimer(clock=fake_events(gpu), warmup=0)
-    learn = learner(lt)
+    hooked = []
+    class Probe(Callback):
+        order = 1001   # after LayerTimer.before_batch
+        def before_batch(self): hooked.append(any(m._forward_hooks for m in self.learn.model.modules()))
+    lt = LayerTimer(clock=fake_events(gpu), warmup=1)
+    learn = learner(lt, Probe(), n=400)
     fit(learn)
     assert gpu.waits == 0
     s = lt.summary()
-    assert gpu.waits >= 1 and not lt._pending and (s.loc[['conv', 'bn', 'act', 'pool'], 'forward_ms'] > 0).all()
+    assert gpu.waits >= 1 and not lt._clock.pending and (s.loc[['conv', 'bn', 'act', 'pool'], 'forward_ms'] > 0).all()
+    n_train = len(learn.dls.train)
+    assert hooked[:n_train] == [(i - 1) % 8 == 0 and i >= 1 for i in range(n_train)]
+    assert lt.batches['train'] == len(range(1, n_train, 8))
+    lt2 = LayerTimer(clock=fake_events(FakeGPU(lag=5)), every=1, warmup=0)
+    learn2 = learner(lt2)
+    fit(learn2)
+    assert lt2.batches['train'] == len(learn2.dls.train)
+
+
+# --- on a real GPU (skipped without one): what the fake device checks above, on CUDA
+
+def _syncs(learn, cbs):
+    "Device synchronizations during a fit of `learn` with `cbs`, as counted by torch's CUDA sync debug mode"
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try: fit(learn, cbs=cbs)
+        finally: torch.cuda.set_sync_debug_mode(0)
+    return sum('synchroniz' in str(w.message) for w in caught)
+
+
+@pytest.mark.cuda
+def test_cuda_timers_add_no_syncs_and_add_up():
+    learn = learner(n=400)
+    learn.dls.to('cuda'); learn.model.cuda()
+    fit(learn)   # warm-up: cuDNN, allocator
+    base = _syncs(learn, [])
+    assert _syncs(learn, [BatchTimer()]) == base and _syncs(learn, [LayerTimer()]) == base
+    t, lt = BatchTimer(), LayerTimer(every=1)
+    assert _syncs(learn, [t, lt]) == base
+    exact_sums(t, 'device_')
+    s = t.summary()
+    assert s.attrs['clock'] == 'device'
+    roles = lt.summary()
+    assert roles.total_ms.sum() == pytest.approx(s.mean_ms['train', 'forward'] + s.mean_ms['train', 'backward'], rel=0.1)

@@ -5,8 +5,8 @@ import fastai.callback.wandb as fastai_wandb
 from fastai.callback.wandb import WandbCallback
 from fastai_order import wandb as fo_wandb
 from fastai_order.timing import BatchTimer, PHASES
-from wandb_history import history, config
-from test_timing import learner
+from wandb_history import history, config, summary
+from test_timing import learner, FakeGPU, fake_events
 
 
 @pytest.fixture
@@ -41,6 +41,7 @@ def test_with_wandb_callback(run):
         assert all(f'timing/{split}/{p}_ms' in r for r in h if f'timing/{split}/total_ms' in r for p in PHASES)
     assert any('timing/train/total_ms' in r and 'train_loss' in r for r in h)
     assert sum('timing/summary.nrows' in r for r in h) == 2  # one table per fit
+    assert summary(run_dir)['timing/clock'] == 'host'
     # the fixed config logging recorded the Learner's arguments
     c = config(run_dir)
     assert c['batch size'] == 16 and c['Learner']['_name'].startswith('<fastai.learner.Learner')
@@ -90,3 +91,17 @@ def test_fix_only_when_needed(monkeypatch):
     monkeypatch.setattr(fastai_wandb, '_format_config_value', broken)
     assert fo_wandb.wandb_config_bug() and fo_wandb.fix_wandb_callback() is True
     assert fastai_wandb._format_config_value is fo_wandb._config_value and fastai_wandb._format_config is fo_wandb._format_config
+
+
+def test_device_clock_in_summary(run):
+    "With device times (a fake device here), the run summary holds device figures and names the clock"
+    t = BatchTimer(wandb_every=0.001, clock=fake_events(FakeGPU(lag=3)))
+    learn = learner(t)
+    fit(learn, 1)
+    run_dir = Path(run.dir).parent
+    run.finish()
+    s, mine = summary(run_dir), t.summary()
+    assert s['timing/clock'] == 'device' and mine.attrs['clock'] == 'device'
+    assert s['timing/train/total_ms'] == pytest.approx(mine.mean_ms['train', 'total'])
+    assert s['timing/train/total_ms'] != pytest.approx(t.summary(clock='host').mean_ms['train', 'total'], rel=1e-9)
+    assert any('timing/train/device_total_ms' in r for r in history(run_dir))

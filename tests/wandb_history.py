@@ -49,3 +49,12 @@ def config(run_dir):
         elif r.WhichOneof('record_type') == 'run':
             out.update({'.'.join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.run.config.update})
     return out
+
+
+def summary(run_dir):
+    "The run summary of the finished offline run in `run_dir`, as a dict of its keys and JSON values"
+    out = {}
+    for r in finished_records(run_dir):
+        if r.WhichOneof('record_type') == 'summary':
+            out.update({'.'.join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.summary.update})
+    return out
