@@ -117,14 +117,14 @@ class BenchSetting:
         "The autocast context of the setting (disabled in fp32)"
         return torch.autocast(self.dev.type, dtype=_DTYPES[self.precision], enabled=self.precision != 'fp32')
 
-    def clock(self) -> float:
+    def synced_time(self) -> float:
         "Seconds on the host's clock, once the device has finished what was queued"
         if self.dev.type == 'cuda': torch.cuda.synchronize(self.dev)
         return timeit.default_timer()
 
     def seconds(self, fn, number:int=1) -> float:
         "Seconds per call of `fn` over `number` calls after a warm-up, with `torch.utils.benchmark.Timer` on the device's clock"
-        return benchmark.Timer('fn()', globals=dict(fn=fn), timer=self.clock, num_threads=torch.get_num_threads()).timeit(number).mean
+        return benchmark.Timer('fn()', globals=dict(fn=fn), timer=self.synced_time, num_threads=torch.get_num_threads()).timeit(number).mean
 
     def describe(self) -> str:
         "Where and how: the device's name, the setting, the threads and torch's version"
@@ -221,10 +221,10 @@ def bench(
 # %% ../nbs/08_bench.ipynb #5e47ac3c
 def _timed_fit(learn, cbs):
     "Seconds one epoch of `learn` takes, on the clock of the setting `_learner` gave it"
-    clock = getattr(learn, 'setting', BenchSetting('cpu')).clock
-    start = clock()
+    now = getattr(learn, 'setting', BenchSetting('cpu')).synced_time
+    start = now()
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cbs)
-    return clock() - start
+    return now() - start
 
 class _Autocast(Callback):
     "Run the forward and the loss under `setting.autocast()` (fastai's `MixedPrecision` autocasts on CUDA only)"

@@ -203,12 +203,11 @@ def _cpu_model():
     except (OSError, StopIteration): return platform.processor() or platform.machine()
 
 def run_context(device=None) -> dict:
-    "Where times come from: device, CPU model, cores, torch threads, Python/torch/fastai/CUDA versions, and the clock"
+    "Where times come from: device, CPU model, cores, torch threads, Python/torch/fastai/CUDA versions"
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    on_cuda = device.type == 'cuda'
-    return dict(device=torch.cuda.get_device_name(device) if on_cuda else 'cpu', cpu=_cpu_model(), cores=os.cpu_count(),
+    return dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu', cpu=_cpu_model(), cores=os.cpu_count(),
                 threads=torch.get_num_threads(), python=platform.python_version(), torch_version=torch.__version__,
-                fastai_version=fastai.__version__, cuda_version=torch.version.cuda or 'none', clock='device' if on_cuda else 'host')
+                fastai_version=fastai.__version__, cuda_version=torch.version.cuda or 'none')
 
 def _busy_s():
     "CPU seconds the whole machine spent busy, and this process with its finished children"
@@ -253,8 +252,8 @@ def train_run(cfg:RunConfig, group:str|None=None, log_dir=None) -> dict:
     except BaseException:
         if run: run.finish(exit_code=1)   # the W&B run shows as failed, not as running forever
         raise
-    context = {**run_context(device), 'other_load': load.share}
-    summary = timer.summary(clock=context['clock'])
+    summary = timer.summary()   # on the device clock when the model is on CUDA
+    context = {**run_context(device), 'clock': summary.attrs['clock'], 'other_load': load.share}
     ms = summary.mean_ms
     train_loss, valid_loss, acc = learn.recorder.values[-1][:3]
     results = dict(accuracy=float(acc), valid_loss=float(valid_loss), train_loss=float(train_loss),

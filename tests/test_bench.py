@@ -107,5 +107,5 @@ def test_on_cuda_the_models_run_on_the_gpu_and_the_clock_waits_for_it(seen):
     s = BenchSetting('cuda')
     a = torch.randn(4096, 4096, device='cuda')
     for _ in range(20): a = a @ a / 64
-    s.clock()
+    s.synced_time()
     assert torch.cuda.current_stream().query()   # everything queued has run

@@ -34,20 +34,22 @@ def finished_records(run_dir, timeout=60):
         time.sleep(0.1)
 
 
+def _values(items):
+    "W&B's key/value items as a dict of their (nested, dotted) keys and JSON values"
+    return {'.'.join(i.nested_key) or i.key: json.loads(i.value_json) for i in items}
+
+
 def history(run_dir):
     "Every history row of the finished offline run in `run_dir`, as dicts"
-    return [{'.'.join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
-            for r in finished_records(run_dir) if r.WhichOneof('record_type') == 'history']
+    return [_values(r.history.item) for r in finished_records(run_dir) if r.WhichOneof('record_type') == 'history']
 
 
 def config(run_dir):
     "The config of the finished offline run in `run_dir`, as a dict of its keys and JSON values"
     out = {}
     for r in finished_records(run_dir):
-        if r.WhichOneof('record_type') == 'config':
-            out.update({'.'.join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.config.update})
-        elif r.WhichOneof('record_type') == 'run':
-            out.update({'.'.join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.run.config.update})
+        if r.WhichOneof('record_type') == 'config': out.update(_values(r.config.update))
+        elif r.WhichOneof('record_type') == 'run': out.update(_values(r.run.config.update))
     return out
 
 
@@ -55,6 +57,5 @@ def summary(run_dir):
     "The run summary of the finished offline run in `run_dir`, as a dict of its keys and JSON values"
     out = {}
     for r in finished_records(run_dir):
-        if r.WhichOneof('record_type') == 'summary':
-            out.update({'.'.join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.summary.update})
+        if r.WhichOneof('record_type') == 'summary': out.update(_values(r.summary.update))
     return out
