@@ -31,7 +31,7 @@ from fastai.data.transforms import ItemGetter, IndexSplitter
 from .order import LayerOrder, list_presets
 from .layers import ordered_xresnet, ordered_cnn, XRESNET_ARCHS
 from .swap import swap_order
-from .optimize import optimize_order, _rel_err
+from .optimize import optimize_order
 from .run import RunConfig, run_learner, ARCHS, PRECISIONS, BACKENDS
 from .compare import compare_orders, comparison_plan
 from .cli import cli_errors, check_choice, check_int
@@ -440,16 +440,16 @@ def eval_speedups(model, x, calls=2, repeats=7, setting:BenchSetting|None=None) 
     "Paired eval speed-ups of `optimize_order(model, 'eval')` against `model` and against torch.fx `fuse(model)`, on `x`, all under `setting`"
     setting = setting or BenchSetting('cpu')
     model, x = model.eval().to(setting.dev), setting.batch(x)
-    report = optimize_order(model, 'eval', example=x, channels_last=True if setting.channels_last else None)
-    with torch.inference_mode():
-        error = _rel_err(report.model(x), model(x))
+    report = optimize_order(model, 'eval', example=x, channels_last=True if setting.channels_last else None,
+                            autocast=_DTYPES[setting.precision] if setting.precision != 'fp32' else None)   # judged at the setting's precision
     rewrites = copy.deepcopy(report.model).to(memory_format=torch.contiguous_format) if report.channels_last else report.model
     variants = {'original': model, 'fx fuse': fuse(model), 'rewrites only': rewrites, 'optimize_order': report.model}
     t = compare_eval(variants, x, calls, repeats, setting)   # under `compile`, each variant's warm-up compiles it
     return dict(ms_original=1e3*t.original.median(), ms_fuse=1e3*t['fx fuse'].median(), ms_optimized=1e3*t.optimize_order.median(),
                 vs_original=_speedup(t, 'original', 'optimize_order'), vs_fuse=_speedup(t, 'fx fuse', 'optimize_order'),
                 rewrites=_speedup(t, 'original', 'rewrites only'), channels_last=_speedup(t, 'rewrites only', 'optimize_order'),
-                layout_applied=report.channels_last, groups=len(report.rows), error=error)
+                layout_applied=report.channels_last, groups=len(report.rows), equivalence=report.error,
+                drift=report.drift['rewritten'], drift_original=report.drift['original'])
 
 def train_speedups(model, bs=32, size=64, steps=10, repeats=7, setting:BenchSetting|None=None) -> pd.DataFrame:
     "Paired train-step times of `model`, of its exact rewrites alone, and with channels_last too (`compare_train_steps` under `setting`)"
@@ -485,7 +485,8 @@ def optimize_bench(
     print(f"{setting.describe()}, malloc keeps freed memory: {kept}, {repeats} paired repeats")
     x = torch.randn(bs, 3, size, size, generator=torch.Generator().manual_seed(0))
     ev = pd.DataFrame([dict(model=n, **eval_speedups(m, x, repeats=repeats, setting=setting)) for n,m in named.items()])
-    print(f"\nEvaluation, batch {bs}, {size}px: speed-up of optimize_order (paired medians); error = max |Δ output| / max |output| (fp32)")
+    print(f"\nEvaluation, batch {bs}, {size}px: speed-up of optimize_order (paired medians); equivalence: its output error in float64; "
+          f"drift: its error at the run precision ({setting.precision}) against float64, next to the original's (max |Δ output| / max |output|)")
     print(ev.to_string(index=False, float_format='%.3g'))
     if 'cnn' in named:
         print(f"\nTraining steps of the thread's CNN, batch {train_bs}, {train_size}px (conv-bn-act-pool → conv-bn-pool-act):")
