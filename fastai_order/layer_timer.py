@@ -29,7 +29,7 @@ def _grad_node(out):
 class LayerTimer(_PrivateState, Callback):
     "Attribute forward and backward time to each leaf module of the model, by role and by path"
     order = 999
-    _stateattrs = ('_handles', '_clock', '_on', '_t', '_spans')
+    _stateattrs = ('_handles', '_clock', '_on', '_t', '_spans', '_leaves')
     def __init__(self,
         warmup:int=2, # batches of each split and epoch not timed (allocations, caches)
         clock:str|Clock='auto', # 'auto' (device events when the model is on CUDA), 'host', 'cuda', or a `Clock`
@@ -39,7 +39,7 @@ class LayerTimer(_PrivateState, Callback):
         self.paths,self.ns,self.batches = [],{},{}
         self._init_state()
 
-    def _init_state(self): self._handles,self._clock,self._on,self._t,self._spans,self._every = [],None,False,{},[],1
+    def _init_state(self): self._handles,self._clock,self._on,self._t,self._spans,self._every,self._leaves = [],None,False,{},[],1,[]
 
     def _span(self, key, start):
         "Time from mark `start` to now goes to `key` (split, module index or -1 for the whole model, direction)"
