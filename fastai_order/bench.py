@@ -23,7 +23,7 @@ from fastai.data.core import Datasets
 from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.metrics import accuracy
-from fastai.torch_core import set_seed
+from fastai.torch_core import set_seed, default_device
 import fastai.callback.schedule  # fit_one_cycle
 from fastai.losses import CrossEntropyLossFlat
 import fastai.callback.progress  # Learner.no_bar
@@ -37,10 +37,9 @@ from .compare import compare_orders, comparison_plan
 from .cli import cli_errors, check_choice, check_int
 
 # %% auto #0
-__all__ = ['synthetic_dls', 'keep_freed_memory', 'default_device', 'BenchSetting', 'time_train_steps', 'compare_train_steps',
-           'bench_models', 'bench_settings', 'bench', 'timer_overhead', 'phase_shares', 'cuda_check', 'runner_overhead',
-           'timing_bench', 'optimize_models', 'time_eval', 'compare_eval', 'eval_speedups', 'train_speedups',
-           'optimize_bench', 'demo']
+__all__ = ['synthetic_dls', 'keep_freed_memory', 'BenchSetting', 'time_train_steps', 'compare_train_steps', 'bench_models',
+           'bench_settings', 'bench', 'timer_overhead', 'phase_shares', 'cuda_check', 'runner_overhead', 'timing_bench',
+           'optimize_models', 'time_eval', 'compare_eval', 'eval_speedups', 'train_speedups', 'optimize_bench', 'demo']
 
 # %% ../nbs/08_bench.ipynb #50c7d5ff
 def synthetic_dls(n=96, bs=16, c_in=3, size=16, n_out=4, seed=0, valid_pct=0.25):
@@ -61,10 +60,6 @@ def keep_freed_memory() -> bool:
 
 # %% ../nbs/08_bench.ipynb #eb3a1ec7
 _DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
-
-def default_device() -> str:
-    "'cuda' when torch sees a CUDA GPU, else 'cpu'"
-    return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 @dataclass(frozen=True)
 class BenchSetting:
