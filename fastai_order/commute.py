@@ -11,12 +11,12 @@ from collections import deque
 import torch, torch.nn as nn
 import pandas as pd
 from fastcore.basics import store_attr
-from fastai.layers import Mish as FastaiMish, Swish as FastaiSwish
 from .order import LayerOrder
+from .ops import activation_facts
 
 # %% auto #0
-__all__ = ['ACTIVATIONS', 'NAMES', 'MODES', 'CONDITIONS', 'COSTS', 'ActInfo', 'act_info', 'Verdict', 'commutes', 'rules_table',
-           'order_cost', 'equivalent_orders', 'cheapest_equivalent', 'conditions_of']
+__all__ = ['NAMES', 'MODES', 'CONDITIONS', 'COSTS', 'ActInfo', 'act_info', 'Verdict', 'commutes', 'rules_table', 'order_cost',
+           'equivalent_orders', 'cheapest_equivalent', 'conditions_of']
 
 # %% ../nbs/04_commute.ipynb #b835f585
 class ActInfo:
@@ -32,18 +32,6 @@ class ActInfo:
         return f"ActInfo({self.name}: {facts}{', empirical' if self.empirical else ''}{f'; {self.condition}' if self.condition else ''})"
 
 # %% ../nbs/04_commute.ipynb #19f510fd
-# class: (non-decreasing, positively homogeneous, f(0) = 0)
-ACTIVATIONS = {
-    nn.Identity: (True, True, True), nn.ReLU: (True, True, True), nn.LeakyReLU: (True, True, True),
-    nn.PReLU: (True, True, True), nn.ReLU6: (True, False, True), nn.Hardtanh: (True, False, True),
-    nn.ELU: (True, False, True), nn.CELU: (True, False, True), nn.SELU: (True, False, True),
-    nn.Softplus: (True, False, False), nn.Tanh: (True, False, True), nn.Sigmoid: (True, False, False),
-    nn.Hardsigmoid: (True, False, False), nn.LogSigmoid: (True, False, False), nn.Softsign: (True, False, True),
-    nn.Tanhshrink: (True, False, True), nn.Softshrink: (True, False, True), nn.Hardshrink: (True, False, True),
-    nn.GELU: (False, False, True), nn.SiLU: (False, False, True), nn.Mish: (False, False, True),
-    nn.Hardswish: (False, False, True), FastaiMish: (False, False, True), FastaiSwish: (False, False, True),
-}
-
 def _probe(f, name):
     "Facts of `f` found numerically in float64 (monotone on a dense grid, homogeneous for c in 0.5, 2, 3)"
     if isinstance(f, nn.Module): f = copy.deepcopy(f).double().eval()
@@ -59,13 +47,14 @@ def act_info(act, mode='eval') -> ActInfo:
     if isinstance(act, ActInfo) or act is None: return act
     cls = act if isinstance(act, type) else type(act)
     name = cls.__name__ if isinstance(act, (type, nn.Module)) else getattr(act, '__name__', repr(act))
-    if cls not in ACTIVATIONS: return _probe(act() if isinstance(act, type) else act, name)
-    nd,hom,zero = ACTIVATIONS[cls]
+    facts = activation_facts(cls)
+    if facts is None: return _probe(act() if isinstance(act, type) else act, name)
+    nd,hom,zero = facts
     inst = act if isinstance(act, nn.Module) else None
     if cls is nn.LeakyReLU: nd = (inst.negative_slope if inst else 0.01) >= 0
     if cls in (nn.ELU, nn.CELU): nd = (inst.alpha if inst else 1.) >= 0
     if cls is nn.Hardtanh and inst: zero = inst.min_val <= 0 <= inst.max_val
-    if cls is nn.PReLU:
+    if issubclass(cls, nn.PReLU):
         if inst is None or mode == 'train':
             return ActInfo(name, None, True, True, condition='every PReLU weight is ≥ 0' + (' and stays so while training' if mode == 'train' else ''))
         nd = bool((inst.weight >= 0).all())

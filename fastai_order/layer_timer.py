@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd, torch
 from fastcore.basics import patch
 from fastai.callback.core import Callback
-from .layers import module_role
+from .ops import module_role, ROLES as OP_ROLES
 from functools import partial
 from .timing import _PrivateState
 from .clock import Clock, HostClock, check_clock, device_clock
@@ -19,7 +19,7 @@ from .cli import check_int, check_choice
 __all__ = ['ROLES', 'LayerTimer']
 
 # %% ../nbs/03a_layer_timer.ipynb #76bc2bc6
-ROLES = ('conv', 'bn', 'act', 'pool', 'drop', 'other')
+ROLES = (*OP_ROLES, 'other')
 
 def _grad_node(out):
     "The autograd node that made `out` (the first tensor of a tuple), if any"
@@ -78,13 +78,22 @@ def _remove_hooks(self:LayerTimer):
     for h in self._handles: h.remove()
     self._handles = []
 
+def _timed_modules(model):
+    "(path, module) of each leaf module of `model`, a norm+act module (its activation inside) counting as one"
+    res, inside = [], None
+    for n,m in model.named_modules():   # parents come before their children
+        if inside and n.startswith(inside): continue
+        if module_role(m) == 'norm_act': inside = f'{n}.'
+        if inside == f'{n}.' or not any(m.children()): res.append((n, m))
+    return res
+
 @patch
 def before_fit(self:LayerTimer):
     self._remove_hooks(); self._init_state()
     model = self.learn.model
     self._clock = device_clock(self.clock, model) or HostClock()
     self._every = self.every or (1 if isinstance(self._clock, HostClock) else 8)
-    self._leaves = [(n,m) for n,m in model.named_modules() if not any(m.children())]
+    self._leaves = _timed_modules(model)
     self.paths = [(n, module_role(m) or 'other', type(m).__name__) for n,m in self._leaves]
 
 @patch

@@ -10,30 +10,13 @@ from collections import OrderedDict
 import difflib
 from torch import nn
 from fastcore.meta import delegates
-import fastai.layers as fl
 from fastai.layers import ConvLayer, MaxPool, AvgPool, AdaptiveAvgPool, Flatten
 from fastai.vision.models import xresnet as fxr
 from .order import LayerOrder
+from .ops import module_role
 
 # %% auto #0
-__all__ = ['XRESNET_ARCHS', 'module_role', 'block_roles', 'OrderedConvLayer', 'fastai_state_dict', 'ordered_xresnet',
-           'ordered_cnn']
-
-# %% ../nbs/01_layers.ipynb #49a5a5cf
-_pools = nn.modules.pooling
-_ROLE_TYPES = dict(
-    conv=(nn.modules.conv._ConvNd,),
-    bn=(nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm),
-    pool=(_pools._MaxPoolNd, _pools._AvgPoolNd, _pools._AdaptiveAvgPoolNd, _pools._AdaptiveMaxPoolNd, _pools._LPPoolNd),
-    drop=(nn.modules.dropout._DropoutNd,),
-)
-_FASTAI_ACTS = tuple(c for c in (getattr(fl, n, None) for n in ('Mish', 'Swish', 'MishJit', 'SwishJit')) if isinstance(c, type))
-
-def module_role(m):
-    "The role of module `m` in a conv block: 'conv', 'bn', 'act', 'pool', 'drop', or None"
-    role = next((r for r,types in _ROLE_TYPES.items() if isinstance(m, types)), None)
-    if role is None and (type(m).__module__ == 'torch.nn.modules.activation' or isinstance(m, _FASTAI_ACTS)): role = 'act'
-    return role
+__all__ = ['XRESNET_ARCHS', 'block_roles', 'OrderedConvLayer', 'fastai_state_dict', 'ordered_xresnet', 'ordered_cnn']
 
 # %% ../nbs/01_layers.ipynb #dae9c187
 def block_roles(block) -> dict:

@@ -15,23 +15,12 @@ from fastcore.basics import patch, store_attr
 from fastai.learner import Learner
 from fastai.callback.fp16 import MixedPrecision, AMPMode
 from .swap import BLOCK_TYPES
-from .commute import ACTIVATIONS, conditions_of, _search, _steps, _cheapest, _cost, _check_mode
+from .ops import op_name
+from .commute import conditions_of, _search, _steps, _cheapest, _cost, _check_mode
 from .cli import check_module, check_number, check_int
 
 # %% auto #0
-__all__ = ['op_name', 'plan_rewrites', 'OptimizeReport', 'optimize_order']
-
-# %% ../nbs/04a_optimize.ipynb #b16e8952
-def op_name(m) -> str|None:
-    "The name the commutation rules know module `m` by, 'identity', or None if the optimizer leaves it where it is"
-    if isinstance(m, nn.modules.conv._ConvNd): return None if m.transposed else 'conv'
-    if isinstance(m, nn.modules.batchnorm._BatchNorm): return 'bn' if m.track_running_stats else None
-    if isinstance(m, nn.modules.pooling._MaxPoolNd): return None if m.return_indices else 'maxpool'
-    if isinstance(m, nn.modules.pooling._AvgPoolNd): return None if getattr(m, 'divisor_override', None) else 'avgpool'
-    if isinstance(m, (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)): return 'drop2d'
-    if type(m) is nn.Dropout: return 'drop'
-    if type(m) is nn.Identity: return 'identity'
-    return 'act' if type(m) in ACTIVATIONS else None
+__all__ = ['plan_rewrites', 'OptimizeReport', 'optimize_order']
 
 # %% ../nbs/04a_optimize.ipynb #b7017a8f
 class _Tracer(fx.Tracer):

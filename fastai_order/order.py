@@ -15,7 +15,7 @@ __all__ = ['OPS', 'ALIASES', 'PRESETS', 'Preset', 'LayerOrder', 'list_presets']
 
 # %% ../nbs/00_order.ipynb #95bdf4f4
 OPS = ('conv', 'bn', 'act', 'pool', 'drop')
-ALIASES = {'norm': 'bn', 'relu': 'act'}
+ALIASES = {'norm': 'bn', 'relu': 'act', 'linear': 'conv'}
 
 # %% ../nbs/00_order.ipynb #79c594c7
 class Preset:

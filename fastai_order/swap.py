@@ -6,38 +6,46 @@ Docs: https://fastai-order.github.io/fastai_order/swap.html.md"""
 
 # %% ../nbs/02_swap.ipynb #39a779ae
 from __future__ import annotations
+import copy, inspect
 from collections import OrderedDict
 import pandas as pd
 from torch import nn
+import torch.fx as fx
 from fastcore.basics import patch, store_attr
 from fastai.learner import Learner
 from fastai.layers import ConvLayer
 from torchvision.ops.misc import ConvNormActivation
 from .order import LayerOrder
-from .layers import OrderedConvLayer, block_roles, module_role
+from .ops import module_role, function_act, norm_act_forward_norm
+from .layers import OrderedConvLayer, block_roles
 from .cli import check_module
 
 # %% auto #0
-__all__ = ['BLOCK_TYPES', 'SwapReport', 'swap_order']
+__all__ = ['BLOCK_TYPES', 'SwapReport', 'TracedForward', 'swap_order']
 
 # %% ../nbs/02_swap.ipynb #4714d482
 BLOCK_TYPES = (ConvLayer, ConvNormActivation)
 
 def _size_preserving(conv):
     "Whether `conv` keeps the spatial size, so pooling before or after it gives the same shape"
-    if conv.transposed or any(s != 1 for s in conv.stride): return False
+    if isinstance(conv, nn.Linear) or conv.transposed or any(s != 1 for s in conv.stride): return False
     if conv.padding == 'same': return True
     return all(2*p == d*(k-1) for p,d,k in zip(conv.padding, conv.dilation, conv.kernel_size))
+
+def _channels(m):
+    "(in, out) channels of a conv or linear layer"
+    return (m.in_features, m.out_features) if isinstance(m, nn.Linear) else (m.in_channels, m.out_channels)
 
 def _check_swap(path, block, mods, old, new):
     "Raise if putting `block` (children `mods` by role) from `old` into `new` would break the model"
     conv, bn = mods['conv'], mods.get('bn')
     before = lambda o, a: o.index(a) < o.index('conv')
-    if bn is not None and hasattr(bn, 'num_features'):
-        need = conv.in_channels if before(new, 'bn') else conv.out_channels
-        if bn.num_features != need: raise ValueError(
-            f"Cannot put {path!r} ({type(block).__name__}) in order '{new}': its norm has {bn.num_features} channels "
-            f"but would see {need} {'before' if before(new, 'bn') else 'after'} the conv ({conv.in_channels}→{conv.out_channels}). "
+    n = getattr(bn, 'num_features', getattr(bn, 'num_channels', (getattr(bn, 'normalized_shape', None) or [None])[-1]))
+    if n is not None:
+        (ni, nf), first = _channels(conv), before(new, 'bn')
+        if n != (ni if first else nf): raise ValueError(
+            f"Cannot put {path!r} ({type(block).__name__}) in order '{new}': its norm has {n} channels "
+            f"but would see {ni if first else nf} {'before' if first else 'after'} the {type(conv).__name__} ({ni}→{nf}). "
             "Nothing was changed. Build a new model (e.g. `ordered_xresnet`) for this order instead.")
     if 'pool' in mods and before(old, 'pool') != before(new, 'pool') and not _size_preserving(conv): raise ValueError(
         f"Cannot put {path!r} ({type(block).__name__}) in order '{new}': moving its pooling across a conv with stride "
@@ -46,7 +54,7 @@ def _check_swap(path, block, mods, old, new):
 # %% ../nbs/02_swap.ipynb #afe5ece4
 class SwapReport:
     "What `swap_order` rewrote, left as it was, or skipped, and why"
-    cols = ['path', 'layer', 'old', 'new', 'status', 'reason']
+    cols = ['path', 'layer', 'route', 'old', 'new', 'status', 'reason']
     def __init__(self, order, rows): store_attr()
     @property
     def df(self): return pd.DataFrame(self.rows, columns=self.cols)
@@ -55,10 +63,12 @@ class SwapReport:
         if status not in ('rewritten', 'unchanged', 'skipped'): raise ValueError(f"`status` must be 'rewritten', 'unchanged' or 'skipped', got {status!r}")
         return [r['path'] for r in self.rows if r['status'] == status]
     @property
+    def complete(self) -> bool:
+        "Whether every conv chain of the model was reached: none skipped"
+        return bool(self.rows) and not self.paths('skipped')
+    @property
     def title(self):
-        if not any(r['status'] != 'skipped' for r in self.rows):
-            return (f"Nothing to swap to '{self.order}': no conv blocks (fastai ConvLayer, OrderedConvLayer, "
-                    "torchvision ConvNormActivation) in this model")
+        if not self.rows: return f"Nothing to swap to '{self.order}': no convs in this model"
         n = {s: len(self.paths(s)) for s in ('rewritten', 'unchanged', 'skipped')}
         return f"Swap to '{self.order}': {n['rewritten']} rewritten, {n['unchanged']} already in order, {n['skipped']} skipped"
     def __repr__(self): return self.title + ('\n' + self.df.to_string(index=False) if self.rows else '')
@@ -80,13 +90,13 @@ def _absorbable(parents, path, order, roles):
     role = sib and module_role(sib[2])
     return {role: sib} if role in ('pool', 'drop') and role in order and role not in roles else {}
 
-def _plan(model, order, absorb):
-    "One entry per conv block or loose conv: (row, block, roles, new order, absorbed modules)"
+def _plan_blocks(model, order, absorb):
+    "One entry per conv block: (row, block, roles, new order, absorbed modules)"
     parents = dict(model.named_modules())
     plans, blocks = [], []
     for path, m in parents.items():
         if any(path.startswith(b + '.') for b in blocks): continue
-        row = dict(path=path, layer=type(m).__name__, old='', new='', status='skipped', reason='')
+        row = dict(path=path, layer=type(m).__name__, route='block', old='', new='', status='skipped', reason='')
         if isinstance(m, BLOCK_TYPES):
             blocks.append(path)
             try: roles = block_roles(m)
@@ -100,8 +110,6 @@ def _plan(model, order, absorb):
                                + [f"has no {op}" for op in order if op not in mods])
             status = 'rewritten' if new != old or absorbed else 'unchanged'
             plans.append((dict(row, old=str(old), new=str(new), status=status, reason=reason), m, roles, new, absorbed))
-        elif module_role(m) == 'conv':
-            plans.append((dict(row, reason="a conv outside a conv block: its order is set by its parent's forward()"), None, None, None, {}))
     return plans
 
 def _apply(block, roles, new, absorbed):
@@ -113,18 +121,253 @@ def _apply(block, roles, new, absorbed):
     for parent, key, _ in absorbed.values(): parent._modules[key] = nn.Identity().train(parent.training)
 
 # %% ../nbs/02_swap.ipynb #86f09c9a
-def swap_order(model, order, absorb=True) -> SwapReport:
-    "Put every conv block of `model` in `order`, in place, keeping its parameter and buffer tensors"
+class _Op:
+    "One op of a run: its role, path and module, and its call when it comes from a traced forward"
+    def __init__(self, role, path, module, node=None): store_attr()
+    @property
+    def roles(self):
+        if self.role == 'norm_act': return ('bn',) if type(getattr(self.module, 'act', None)) is nn.Identity else ('bn', 'act')
+        return {'norm_part': ('bn',), 'identity': (), 'linear': ('conv',)}.get(self.role, (self.role,))
+
+_ANCHORS = ('conv', 'linear')
+
+def _op_role(m, head):
+    if type(m) is nn.Identity: return 'identity'
+    if head is not None and isinstance(m, nn.Linear): return 'linear'
+    return module_role(m)
+
+def _groups(run):
+    "Split `run` into groups with one conv (or linear) each; ops outside every group are dropped"
+    groups, cur = [], []
+    for op in run:
+        has = {r for o in cur for r in o.roles}
+        if 'conv' in has and (op.role in _ANCHORS or has & set(op.roles)): groups.append(cur); cur = []
+        cur.append(op)
+    groups.append(cur)
+    return [g for g in groups if any(o.role in _ANCHORS for o in g)]
+
+class _Group:
+    "The swap of one group to `order`: old and new order, and who provides each op"
+    def __init__(self, ops, order, head, prefix=''):
+        self.ops, anchor = ops, next(o for o in ops if o.role in _ANCHORS)
+        self.order = LayerOrder(head if anchor.role == 'linear' else order)
+        self.by_role = {r: o for o in ops for r in o.roles}
+        self.old = LayerOrder([r for o in ops for r in o.roles])
+        named, i = self.order.restrict(self.old), self.old.index('conv')
+        rest = lambda ops: [r for r in ops if r not in self.order and r != 'conv']
+        self.new = LayerOrder([*rest(self.old.ops[:i]), *named, *rest(self.old.ops[i:])])   # ops the order does not name stay on their side
+        self.path = prefix + anchor.path
+
+    def check(self, owner):
+        mods = {r: o.module for r,o in self.by_role.items()}
+        _check_swap(self.path, owner, mods, self.old, self.new)
+
+    def calls(self):
+        "The new order as calls: ('module', path), ('norm', path) for the norm part of a norm+act module, ('function', its node)"
+        res = []
+        for r in self.new:
+            o = self.by_role[r]
+            if o.path is None: res.append(('function', o.node))
+            elif o.role == 'norm_part' or (o.role == 'norm_act' and r == 'bn' and 'act' in o.roles): res.append(('norm', o.path))
+            else: res.append(('module', o.path + ('.act' if o.role == 'norm_act' else '')))
+            if len(res) > 1 and res[-1][0] == 'module' and res[-2] == ('norm', res[-1][1].removesuffix('.act')) and res[-1][1].endswith('.act'):
+                res[-2:] = [('module', res[-2][1])]   # a norm+act module's norm right before its act: call the module
+        for i,o in enumerate(self.ops):   # identities keep their places, so swapping back gives the very same calls
+            if o.role == 'identity': res.insert(i, ('module', o.path))
+        return res
+
+    @property
+    def apart(self):
+        "Whether the new order needs a traced forward: a norm+act module's norm and activation called apart, or a function"
+        return any(kind != 'module' or path not in {o.path for o in self.ops} for kind,path in self.calls())
+
+    def row(self, owner, route):
+        changed = self.new != self.old
+        reason = '; '.join([f"has no {op}" for op in self.order if op not in self.old] +
+                           (["its norm+act module is called as norm and activation apart"] if changed and self.apart else []))
+        return dict(path=self.path, layer=type(owner).__name__, route=route, old=str(self.old), new=str(self.new),
+                    status='rewritten' if changed else 'unchanged', reason=reason)
+
+# %% ../nbs/02_swap.ipynb #12cb0839
+class _OwnTracer(fx.Tracer):
+    "Traces `method` of a module alone: every submodule call is a leaf"
+    def __init__(self, method='forward'): super().__init__(); self.traced_func_name = method
+    def is_leaf_module(self, m, qualname): return True
+
+def _trace(owner, method, training):
+    "The graph of `owner.method` traced with `owner.training = training`; the module's own attributes are left as they were"
+    if isinstance(tf := vars(owner).get(method), TracedForward): return tf.graph(training)
+    state = {k: copy.copy(v) for k,v in vars(owner).items() if not k.startswith('_')}
+    try:
+        owner.training = training
+        return _OwnTracer(method).trace(owner)
+    finally:
+        for k in [k for k in vars(owner) if not k.startswith('_') and k not in state]: delattr(owner, k)
+        vars(owner).update(state)
+
+class TracedForward:
+    "A module's `forward` (or `forward_features`) replaced by a rewritten torch.fx graph, one per training mode where they differ"
+    def __init__(self, owner, graphs): self.owner, self.graphs, self._code = owner, graphs, {}
+    def _graph(self, training): return self.graphs[training] if len(self.graphs) > 1 else next(iter(self.graphs.values()))
+    def _forward(self, training):
+        "The function the graph compiles to, made on first use (it reads the module's children, never copies of them)"
+        key = training if len(self.graphs) > 1 else None
+        if key not in self._code:
+            self._code[key] = type(fx.GraphModule(self.owner, self.graph(training), class_name=type(self.owner).__name__)).forward
+        return self._code[key]
+    def graph(self, training):
+        "A copy of the graph run when `owner.training` is `training`"
+        g = fx.Graph()
+        g.output(g.graph_copy(self._graph(training), {}))
+        return g
+    def __call__(self, *args, **kwargs): return self._forward(self.owner.training)(self.owner, *args, **kwargs)
+    def __getstate__(self): return dict(owner=self.owner, graphs=self.graphs)
+    def __setstate__(self, state): self.__dict__.update(state, _code={})
+    def __repr__(self): return f"TracedForward of {type(self.owner).__name__}:{self._graph(self.owner.training).python_code('self').src}"
+
+# %% ../nbs/02_swap.ipynb #cc2ad4b8
+def _graph_op(n, owner, head):
+    "(role, path, module, input) of the call `n` if it is an op with one input, else None"
+    if n.op == 'call_function' and n.target is norm_act_forward_norm and len(n.args) == 2 and n.args[0].op == 'get_attr':
+        return 'norm_part', n.args[0].target, owner.get_submodule(n.args[0].target), n.args[1]
+    if n.op == 'call_function' and function_act(n.target) and n.args:   # F.relu(x, inplace=True) and the like
+        return 'act', None, None, n.args[0]
+    if n.op != 'call_module' or len(n.args) != 1 or n.kwargs: return None
+    m = owner.get_submodule(n.target)
+    role = _op_role(m, head)
+    return None if role is None else (role, n.target, m, n.args[0])
+
+def _runs_of_graph(graph, owner, head):
+    "Runs of ops in `graph`: calls of registered modules, each taking the previous op's output, which nothing else uses"
+    runs, cur = [], []
+    for n in graph.nodes:
+        if n.op == 'get_attr': continue   # a norm part's module, fetched right before its call
+        op = _graph_op(n, owner, head)
+        if op is None or not (cur and op[3] is cur[-1].node and len(cur[-1].node.users) == 1):
+            if cur: runs.append(cur)
+            cur = []
+        if op is not None: cur.append(_Op(*op[:3], n))
+    return runs + [cur] if cur else runs
+
+def _runs_of_children(seq, head):
+    "Runs of consecutive children of `seq` with a role"
+    runs, cur = [], []
+    for k,m in seq._modules.items():
+        role = _op_role(m, head) if m is not None else None
+        if role is None:
+            if cur: runs.append(cur)
+            cur = []
+        else: cur.append(_Op(role, k, m))
+    return runs + [cur] if cur else runs
+
+def _rewrite_graph(graph, group):
+    "Rewire `group`'s calls in `graph` into its new order"
+    first, last = group.ops[0].node, group.ops[-1].node
+    with graph.inserting_before(first):
+        x = first.args[-1]
+        for kind,path in group.calls():
+            if kind == 'norm': x = graph.call_function(norm_act_forward_norm, (graph.get_attr(path), x))
+            elif kind == 'function': x = graph.call_function(path.target, (x, *path.args[1:]), path.kwargs)
+            else: x = graph.call_module(path, (x,))
+    last.replace_all_uses_with(x)
+    for o in reversed(group.ops):
+        attr = o.node.args[0] if o.role == 'norm_part' else None
+        graph.erase_node(o.node)
+        if attr is not None and not attr.users: graph.erase_node(attr)
+
+def _reorder_children(seq, group):
+    "Put `group`'s children of `seq` in the new order, under their own keys"
+    keys = list(seq._modules)
+    start = keys.index(group.ops[0].path)
+    new = [path for _,path in group.calls()]
+    items = [(k, seq._modules[k]) for k in keys[:start] + new + keys[start+len(new):]]
+    seq._modules.clear(); seq._modules.update(items)
+
+# %% ../nbs/02_swap.ipynb #b8a04142
+_METHODS = ('forward', 'forward_features')   # timm's models and fastai's TimmBody call forward_features
+
+def _callable_children(m):
+    for c in m.children():
+        if isinstance(c, (nn.ModuleList, nn.ModuleDict)): yield from _callable_children(c)
+        else: yield c
+
+def _owners(model, head):
+    "(path, module, route) of each module whose own forward may hold chains"
+    skip = []
+    for path, m in model.named_modules():
+        if any(path.startswith(p) for p in skip): continue
+        if isinstance(m, BLOCK_TYPES) or _op_role(m, head) is not None: skip.append(f'{path}.' if path else ''); continue
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)): continue
+        if not any(_op_role(c, head) in _ANCHORS for c in _callable_children(m)): continue
+        plain = type(m).forward is nn.Sequential.forward and 'forward' not in vars(m)
+        yield path, m, 'sequential' if plain else 'traced'
+
+def _same(g1, g2):
+    "Whether graphs `g1` and `g2` make the same calls on the same inputs, whatever their nodes are named"
+    def calls(g):
+        at = {n: i for i,n in enumerate(g.nodes)}
+        return [(n.op, str(n.target), fx.node.map_arg((n.args, n.kwargs), at.get)) for n in g.nodes]
+    return calls(g1) == calls(g2)
+
+def _install(owner, graphs):
+    "Make `graphs` (by method, then training mode) `owner`'s methods, or leave the class's own where they compute the same"
+    for g in (g for by_mode in graphs.values() for g in by_mode.values()): g.lint()
+    for m in _METHODS: vars(owner).pop(m, None)   # forward may call forward_features: compare with the class's own
+    fresh = {m: {t: _trace(owner, m, t) for t in by_mode} for m,by_mode in graphs.items()}
+    for m, by_mode in graphs.items():
+        if all(_same(by_mode[t], fresh[m][t]) for t in by_mode): continue
+        setattr(owner, m, TracedForward(owner, {None: by_mode[True]} if _same(*by_mode.values()) else by_mode))
+
+def _plan_owner(path, owner, route, order, head):
+    "(rows, apply) for the chains in `owner`'s forward: rows for the report, and a function making the swaps"
+    prefix = f'{path}.' if path else ''
+    if route == 'sequential':
+        groups = [_Group(g, order, head, prefix) for run in _runs_of_children(owner, head) for g in _groups(run)]
+        if not any(g.apart and g.new != g.old for g in groups):
+            for g in groups: g.check(owner)
+            todo = [g for g in groups if g.new != g.old]
+            return [g.row(owner, route) for g in groups], lambda: [_reorder_children(owner, g) for g in todo]
+    methods = [m for m in _METHODS if hasattr(type(owner), m)]
+    try:
+        if len(inspect.signature(getattr(type(owner), 'forward')).parameters) != 2:
+            raise TypeError('it takes more than one input, and a trace would fix the others to their defaults')
+        graphs = {m: {t: _trace(owner, m, t) for t in (True, False)} for m in methods}
+    except Exception as e:
+        convs = [k for k,c in owner.named_children() if _op_role(c, head) in _ANCHORS]
+        why = f"{type(owner).__name__}.forward cannot be traced by torch.fx: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        return [dict(path=prefix + k, layer=type(owner).__name__, route='traced', old='', new='', status='skipped', reason=why) for k in convs], lambda: None
+    rows, changed = {}, False
+    for m, by_mode in graphs.items():
+        for t, g in by_mode.items():
+            groups = [_Group(ops, order, head, prefix) for run in _runs_of_graph(g, owner, head) for ops in _groups(run)]
+            for grp in groups:
+                grp.check(owner)
+                rows.setdefault(grp.path, grp.row(owner, 'traced'))
+                if grp.new != grp.old: _rewrite_graph(g, grp); changed = True
+    return list(rows.values()), (lambda: _install(owner, graphs)) if changed else (lambda: None)
+
+# %% ../nbs/02_swap.ipynb #5486e9e8
+def swap_order(
+    model, # the model, changed in place
+    order, # the order for every conv: a `LayerOrder`, a spec such as 'conv-act-bn', or a preset name
+    absorb=True, # let a conv block take in the pooling or dropout module that follows it, when `order` places one
+    head=None, # an order for the linear layers' groups too (fastai's head: BatchNorm1d → Dropout → Linear), e.g. 'drop-bn-linear'
+) -> SwapReport:
+    "Put every conv chain of `model` in `order`, in place, keeping its parameter and buffer tensors and `state_dict` keys"
     check_module(model, 'swap_order')
     if absorb not in (True, False): raise TypeError(f"`absorb` must be True or False, got {absorb!r}")
-    order = LayerOrder(order)
-    plans = _plan(model, order, absorb)   # raises, before anything changes, if an order would break the model
-    for row, block, roles, new, absorbed in plans:
+    order, head = LayerOrder(order), None if head is None else LayerOrder(head)
+    blocks = _plan_blocks(model, order, absorb)   # the plans raise, before anything changes, if an order would break the model
+    owners = [_plan_owner(p, m, route, order, head) for p,m,route in _owners(model, head)]
+    for row, block, roles, new, absorbed in blocks:
         if row['status'] == 'rewritten': _apply(block, roles, new, absorbed)
-    return SwapReport(order, [p[0] for p in plans])
+    for _, apply in owners: apply()
+    place = {p: i for i,(p,_) in enumerate(model.named_modules())}
+    rows = [b[0] for b in blocks] + [r for rows,_ in owners for r in rows]
+    return SwapReport(order, sorted(rows, key=lambda r: place.get(r['path'], len(place))))
 
 # %% ../nbs/02_swap.ipynb #ef41bbb7
 @patch
-def swap_order(self:Learner, order, absorb=True) -> SwapReport:
-    "Put every conv block of `learn.model` in `order`, in place; training goes on with the same optimizer state"
-    return swap_order(self.model, order, absorb=absorb)
+def swap_order(self:Learner, order, absorb=True, head=None) -> SwapReport:
+    "Put every conv chain of `learn.model` (and with `head=` its head's) in `order`, in place; training goes on with the same optimizer state"
+    return swap_order(self.model, order, absorb=absorb, head=head)

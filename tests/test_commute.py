@@ -2,9 +2,10 @@
 import torch, torch.nn as nn
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
-from fastai_order.commute import NAMES, MODES, ACTIVATIONS, commutes, equivalent_orders, _names
+from fastai_order.ops import ACTIVATIONS, _resolve
+from fastai_order.commute import NAMES, MODES, commutes, equivalent_orders, _names
 
-ACTS = [a for a in ACTIVATIONS if a is not nn.Identity]
+ACTS = [a for a in map(_resolve, ACTIVATIONS) if a is not nn.Identity]
 
 
 class Bias(nn.Module):

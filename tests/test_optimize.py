@@ -8,7 +8,8 @@ from fastai.learner import Learner
 from fastai.vision.models.xresnet import xresnet18
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 import fastai_order.optimize as opt
-from fastai_order.commute import ACTIVATIONS, conditions_of
+from fastai_order.ops import ACTIVATIONS
+from fastai_order.commute import conditions_of
 from fastai_order.layers import ordered_cnn
 from fastai_order.optimize import optimize_order, plan_rewrites
 from fastai_order.bench import synthetic_dls, optimize_models

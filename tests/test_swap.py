@@ -63,10 +63,8 @@ def test_report_lists_rewritten_unchanged_and_skipped():
 
 
 def test_nothing_to_swap_is_a_report_not_an_error():
-    r = swap_order(torchvision.models.resnet18(num_classes=4), 'bn_after')
-    assert r.paths() == [] and 'Nothing to swap' in repr(r)
-    assert 'conv1' in r.paths('skipped') and 'forward()' in r.df.reason[0]
-    assert 'Nothing to swap' in repr(swap_order(nn.Linear(3, 3), 'resnet'))
+    r = swap_order(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), 'resnet')
+    assert r.paths() == [] and not r.complete and 'Nothing to swap' in repr(r)
 
 
 def test_torchvision_conv_norm_activation():
@@ -96,7 +94,7 @@ def test_pool_following_a_block_moves_in():
 def test_breaking_orders_are_refused_before_anything_changes():
     m = ordered_xresnet('xresnet18', 'resnet', n_out=4)
     snapshot = [str(b) for b in m.modules()]
-    with pytest.raises(ValueError, match=r"Cannot put '0'.*norm has 32 channels but would see 3 before the conv.*Nothing was changed"):
+    with pytest.raises(ValueError, match=r"Cannot put '0'.*norm has 32 channels but would see 3 before the Conv2d.*Nothing was changed"):
         swap_order(m, 'preact')
     assert [str(b) for b in m.modules()] == snapshot
     # moving a pool across a strided conv changes the output size
@@ -188,3 +186,156 @@ def test_learner_without_a_model_is_named(tmp_path):
     learn = _learner(tmp_path, ordered_cnn(n_out=4, widths=(8,)))
     learn.model = None
     with pytest.raises(TypeError, match=re.escape(NEEDS_MODULE + "None (NoneType)")): learn.swap_order('bn_after')
+
+
+# torchvision and timm models, as vision_learner builds them
+import pickle, timm
+from fastai.vision.learner import vision_learner, create_head
+from fastai_order.swap import TracedForward
+from fastai_order.bench import synthetic_dls
+
+
+def randomized(m):
+    "`m` in eval mode with BN statistics and γ far from their defaults, so a wrong order shows"
+    g = torch.Generator().manual_seed(0)
+    for b in m.modules():
+        if isinstance(b, nn.modules.batchnorm._BatchNorm):
+            b.running_mean.copy_(torch.randn(b.num_features, generator=g)); b.running_var.uniform_(0.5, 2, generator=g)
+            b.weight.data.uniform_(0.5, 1.5, generator=g); b.bias.data.normal_(generator=g)
+    return m.eval()
+
+
+def traced(m): return [n for n,b in m.named_modules() if any(isinstance(v, TracedForward) for v in vars(b).values())]
+
+
+def test_torchvision_resnet34_every_block_and_the_stem():
+    m = randomized(torchvision.models.resnet34())
+    keys, x = list(m.state_dict()), torch.randn(2, 3, 64, 64)
+    y = m(x)
+    r = swap_order(m, 'bn_after')
+    assert r.complete and list(m.state_dict()) == keys
+    rewritten = r.paths()
+    assert 'conv1' in rewritten and all(f'layer{i}.{j}.conv1' in rewritten for i,n in zip(range(1, 5), (3, 4, 6, 3)) for j in range(n))
+    assert len(rewritten) == 1 + 16 and set(r.df.route) == {'traced', 'sequential'}
+    blk = m.layer1[0]
+    calls = [n.target for n in blk.forward.graph(False).nodes if n.op == 'call_module']
+    assert calls[:3] == ['conv1', 'relu', 'bn1']     # ReLU before BN now
+    assert not torch.allclose(m(x), y)
+    swap_order(m, 'resnet')
+    assert torch.equal(m(x), y) and traced(m) == []   # back to the class's own forward
+
+
+def test_vision_learner_resnet34_swaps_trains_and_checkpoints_load_both_ways(tmp_path):
+    dls = synthetic_dls(n=32, bs=8, size=32)
+    make = lambda: vision_learner(dls, torchvision.models.resnet34, pretrained=False, n_out=4, loss_func=CrossEntropyLossFlat())
+    learn, plain = make(), make()
+    r = learn.swap_order('bn_after')
+    assert r.complete and r.df.loc[r.df.path == '0.0', 'route'].item() == 'sequential'   # the stem, in the body's Sequential
+    assert [k for k,_ in learn.model[0].named_children()][:3] == ['0', '2', '1']      # conv, relu, bn under their own keys
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    learn.fit(1, 1e-3)
+    assert all(torch.isfinite(torch.tensor(v)) for v in learn.recorder.values[-1])
+    assert any(not torch.equal(a, b) for a,b in zip(before, learn.model.parameters()))
+    plain.model.load_state_dict(learn.model.state_dict())          # swapped → original order
+    learn.model.load_state_dict(make().model.state_dict())          # original → swapped order
+    path = tmp_path/'m.pkl'; torch.save(learn.model, path)
+    m2 = torch.load(path, weights_only=False).eval(); learn.model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(m2(x), learn.model(x))
+
+
+def test_vision_learner_timm_model_swaps_through_forward_features():
+    dls = synthetic_dls(n=32, bs=8, size=32)
+    learn = vision_learner(dls, 'resnet18', pretrained=False, n_out=4, loss_func=CrossEntropyLossFlat())
+    randomized(learn.model)
+    x = torch.randn(2, 3, 32, 32)
+    y = learn.model(x)
+    r = learn.swap_order('bn_after')
+    assert r.complete and 'conv1' in ' '.join(r.paths())
+    assert not torch.allclose(learn.model(x), y)           # fastai's TimmBody calls forward_features: the stem swapped too
+    learn.fit(1, 1e-3)
+
+
+@pytest.mark.parametrize('name', ['efficientnet_b0', 'mobilenetv3_small_050', 'regnetx_002', 'cspresnet50'])
+def test_timm_norm_act_split_and_back(name):
+    m = randomized(timm.create_model(name))
+    keys, x = list(m.state_dict()), torch.randn(2, 3, 64, 64)
+    y = m(x)
+    r = swap_order(m, 'bn_after')
+    assert r.complete and r.paths() and list(m.state_dict()) == keys
+    assert any('apart' in s for s in r.df.reason)
+    y1 = m(x)
+    assert not torch.allclose(y1, y)
+    assert torch.equal(pickle.loads(pickle.dumps(m))(x), y1)    # a pickled (exported) swapped model computes the same
+    swap_order(m, 'resnet')
+    assert torch.equal(m(x), y) and traced(m) == []
+
+
+def test_function_activations_are_ops():
+    "torchvision's Inception and GoogLeNet call F.relu in BasicConv2d.forward"
+    m = randomized(torchvision.models.googlenet(init_weights=False, aux_logits=False))
+    x = torch.randn(1, 3, 64, 64)
+    y = m(x)
+    r = swap_order(m, 'bn_after')
+    assert r.complete and len(r.paths()) == 57
+    assert not torch.allclose(m(x), y)
+    swap_order(m, 'resnet')
+    assert torch.equal(m(x), y)
+
+
+class Branchy(nn.Module):
+    "A block whose forward depends on the training flag and fills a cache while it runs"
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act, self.drop, self.cache = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5), {}
+    def forward(self, x):
+        self.cache['n'] = x.shape[0]
+        x = self.act(self.bn(self.conv(x)))
+        return self.drop(x) * 2 if self.training else x
+
+
+def test_traced_forward_keeps_the_training_branch_and_leaves_no_trace():
+    m = Branchy()
+    r = swap_order(m, 'bn_after')
+    assert r.paths() == ['conv'] and m.cache == {} and m.training
+    tf = m.forward
+    assert set(tf.graphs) == {True, False}
+    x = torch.randn(4, 3, 8, 8)
+    m.eval(); ref = Branchy().eval(); ref.load_state_dict(m.state_dict())
+    assert torch.allclose(m(x), ref.bn(ref.act(ref.conv(x))))
+    m.train(); torch.manual_seed(0); a = m(x)
+    torch.manual_seed(0); ref.train(); b = ref.drop(ref.bn(ref.act(ref.conv(x)))) * 2
+    assert torch.allclose(a, b)
+
+
+def test_untraceable_and_multi_input_forwards_are_listed():
+    class Gate(nn.Module):
+        def __init__(self): super().__init__(); self.conv, self.bn, self.act = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()
+        def forward(self, x): return self.act(self.bn(self.conv(x))) if x.mean() > 0 else x
+    class TwoInputs(Gate):
+        def forward(self, x, scale=1.): return self.act(self.bn(self.conv(x))) * scale
+    for cls, why in ((Gate, 'control flow'), (TwoInputs, 'more than one input')):
+        m = nn.Sequential(cls())
+        r = swap_order(m, 'bn_after')
+        assert not r.complete and r.paths('skipped') == ['0.conv'] and why in r.df.reason[0]
+        assert 'forward' not in vars(m[0])
+
+
+def test_preactivation_order_that_breaks_a_zoo_model_is_refused():
+    m = torchvision.models.densenet121()
+    keys = list(m.state_dict())
+    with pytest.raises(ValueError, match="norm has 64 channels but would see 128 after the Conv2d.*Nothing was changed"):
+        swap_order(m, 'bn_after')
+    assert traced(m) == [] and list(m.state_dict()) == keys
+
+
+def test_fastai_head_takes_its_own_order():
+    head = create_head(64, 4)
+    keys = list(head.state_dict())
+    r = swap_order(head, 'resnet', head='drop-bn-linear')
+    assert [(x.old, x.new) for x in r.df.itertuples()] == [('bn-drop-conv-act', 'drop-bn-conv-act'), ('bn-drop-conv', 'drop-bn-conv')]
+    assert list(head.state_dict()) == keys
+    assert [type(c).__name__ for c in head.children()][2:5] == ['Dropout', 'BatchNorm1d', 'Linear']
+    assert swap_order(create_head(64, 4), 'resnet').paths() == []     # without head=, the head is left alone
+    with pytest.raises(ValueError, match="its norm has 128 channels but would see 512 after the Linear"):
+        swap_order(create_head(64, 4), 'resnet', head='linear-bn')
