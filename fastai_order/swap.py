@@ -136,15 +136,17 @@ def _op_role(m, head):
     if head is not None and isinstance(m, nn.Linear): return 'linear'
     return module_role(m)
 
+def _roles(ops): return {r for o in ops for r in o.roles}
+
 def _groups(run):
-    "Split `run` into groups with one conv (or linear) each; ops outside every group are dropped"
-    groups, cur = [], []
+    "Split `run` into groups: a conv and the ops after it, up to the next conv or an op whose role the group has; a linear and the ops around it"
+    groups, cur, before = [], None, []
     for op in run:
-        has = {r for o in cur for r in o.roles}
-        if 'conv' in has and (op.role in _ANCHORS or has & set(op.roles)): groups.append(cur); cur = []
-        cur.append(op)
-    groups.append(cur)
-    return [g for g in groups if any(o.role in _ANCHORS for o in g)]
+        if op.role in _ANCHORS:   # a conv's chain starts at it; a head's linear has its norm and dropout before it
+            cur = (before if op.role == 'linear' else []) + [op]; groups.append(cur); before = []
+        elif cur is not None and not _roles(cur) & set(op.roles): cur.append(op)
+        else: cur, before = None, (before if not _roles(before) & set(op.roles) else []) + [op]
+    return groups
 
 class _Group:
     "The swap of one group to `order`: old and new order, and who provides each op"
@@ -153,9 +155,7 @@ class _Group:
         self.order = LayerOrder(head if anchor.role == 'linear' else order)
         self.by_role = {r: o for o in ops for r in o.roles}
         self.old = LayerOrder([r for o in ops for r in o.roles])
-        named, i = self.order.restrict(self.old), self.old.index('conv')
-        rest = lambda ops: [r for r in ops if r not in self.order and r != 'conv']
-        self.new = LayerOrder([*rest(self.old.ops[:i]), *named, *rest(self.old.ops[i:])])   # ops the order does not name stay on their side
+        self.new = self.order.fit(self.old)
         self.path = prefix + anchor.path
 
     def check(self, owner):

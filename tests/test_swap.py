@@ -321,12 +321,17 @@ def test_untraceable_and_multi_input_forwards_are_listed():
         assert 'forward' not in vars(m[0])
 
 
-def test_preactivation_order_that_breaks_a_zoo_model_is_refused():
-    m = torchvision.models.densenet121()
-    keys = list(m.state_dict())
-    with pytest.raises(ValueError, match="norm has 64 channels but would see 128 after the Conv2d.*Nothing was changed"):
-        swap_order(m, 'bn_after')
-    assert traced(m) == [] and list(m.state_dict()) == keys
+def test_preactivation_model_swaps_its_conv_norm_act_chains():
+    "DenseNet's layers are BN-ReLU-conv1x1-BN-ReLU-conv3x3: the conv1x1-BN-ReLU chain swaps, the leading BN-ReLU stays"
+    m = randomized(torchvision.models.densenet121())
+    keys, x = list(m.state_dict()), torch.randn(1, 3, 64, 64)
+    y = m(x)
+    r = swap_order(m, 'bn_after')
+    assert r.complete and list(m.state_dict()) == keys
+    assert r.df.loc[r.df.path == 'features.denseblock1.denselayer1.conv1', ['old', 'new']].values.tolist() == [['conv-bn-act', 'conv-act-bn']]
+    assert not torch.allclose(m(x), y)
+    with pytest.raises(ValueError, match="Cannot put .features.conv0.*norm has 64 channels but would see 3 before the Conv2d.*Nothing was changed"):
+        swap_order(m, 'preact')   # a norm cannot move before a conv that changes the channels
 
 
 def test_fastai_head_takes_its_own_order():
