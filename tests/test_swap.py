@@ -193,6 +193,7 @@ import pickle, timm
 from fastai.vision.learner import vision_learner, create_head
 from fastai_order.swap import TracedForward
 from fastai_order.bench import synthetic_dls
+from fastai_order.layer_timer import LayerTimer
 
 
 def randomized(m):
@@ -253,7 +254,10 @@ def test_vision_learner_timm_model_swaps_through_forward_features():
     r = learn.swap_order('bn_after')
     assert r.complete and 'conv1' in ' '.join(r.paths())
     assert not torch.allclose(learn.model(x), y)           # fastai's TimmBody calls forward_features: the stem swapped too
-    learn.fit(1, 1e-3)
+    lt = LayerTimer()
+    learn.fit(1, 1e-3, cbs=lt)
+    roles = lt.summary()
+    assert roles.loc['conv', 'forward_ms'] > 0 and roles.loc['act', 'forward_ms'] > 0   # the hooks still see the moved ops
 
 
 @pytest.mark.parametrize('name', ['efficientnet_b0', 'mobilenetv3_small_050', 'regnetx_002', 'cspresnet50'])
