@@ -94,9 +94,21 @@ def norm_act_parts(m) -> tuple:
     return norm.train(m.training), getattr(m, 'drop', None) or nn.Identity(), getattr(m, 'act', None) or nn.Identity()
 
 # %% ../nbs/00c_ops.ipynb #e26577d4
+def _batch_norm(m, x):
+    "`nn.BatchNorm2d.forward` without its input check, so that torch.fx can trace through it (as timm's `BatchNormAct2d` does)"
+    factor = 0. if m.momentum is None else m.momentum
+    if m.training and m.track_running_stats and m.num_batches_tracked is not None:
+        m.num_batches_tracked.add_(1)
+        if m.momentum is None: factor = 1. / float(m.num_batches_tracked)
+    stats = not m.training or m.track_running_stats
+    return F.batch_norm(x, m.running_mean if stats else None, m.running_var if stats else None, m.weight, m.bias,
+                        m.training or (m.running_mean is None and m.running_var is None), factor, m.eps)
+
 def norm_act_forward_norm(m, x):
     "The norm part of norm+act module `m` applied to `x` (its `drop` included): `m` without its activation"
-    return getattr(m, 'drop', nn.Identity())(norm_act_norm(m).forward(m, x))
+    norm = norm_act_norm(m)
+    x = _batch_norm(m, x) if issubclass(norm, nn.modules.batchnorm._BatchNorm) else norm.forward(m, x)
+    return m.drop(x) if hasattr(m, 'drop') else x
 
 # %% ../nbs/00c_ops.ipynb #c767721e
 FUNCTIONAL_ACTS = {F.relu: nn.ReLU, torch.relu: nn.ReLU, F.relu6: nn.ReLU6, F.leaky_relu: nn.LeakyReLU, F.elu: nn.ELU,

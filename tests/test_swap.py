@@ -271,6 +271,7 @@ def test_timm_norm_act_split_and_back(name):
     y1 = m(x)
     assert not torch.allclose(y1, y)
     assert torch.equal(pickle.loads(pickle.dumps(m))(x), y1)    # a pickled (exported) swapped model computes the same
+    assert torch.allclose(torch.fx.symbolic_trace(m)(x), y1)     # and torch.fx (fuse, optimize_order) can trace it whole
     swap_order(m, 'resnet')
     assert torch.equal(m(x), y) and traced(m) == []
 
