@@ -24,7 +24,7 @@ from .commute import conditions_of, _search, _steps, _cheapest, _cost, _check_mo
 from .cli import check_module, check_number, check_int
 
 # %% auto #0
-__all__ = ['plan_rewrites', 'OptimizeReport', 'optimize_order']
+__all__ = ['plan_rewrites', 'model_kept', 'OptimizeReport', 'optimize_order']
 
 # %% ../nbs/04a_optimize.ipynb #b7017a8f
 class _Tracer(fx.Tracer):
@@ -205,29 +205,33 @@ def _block_region(model, slots):
     return block_path, keys, rest
 
 def _copy(model):
-    "A deep copy of `model`; the weights the old hook-based `weight_norm` computes (which cannot be deep-copied) are computed again"
-    held = [(m, h.name) for m in model.modules() for h in m._forward_pre_hooks.values() if isinstance(h, WeightNorm) and h.name in vars(m)]
-    held = [(m, k, vars(m).pop(k)) for m,k in held]
+    "A deep copy of `model`; a weight that a hook-based reparametrization (old `weight_norm` or `spectral_norm`, pruning) computed, which cannot be deep-copied, is copied as a plain tensor"
+    names = [(m, getattr(h, 'name', None) or h._tensor_name) for m in model.modules() for h in m._forward_pre_hooks.values() if isinstance(h, _REPARAMS)]
+    held = [(m, k, vars(m).pop(k)) for m,k in names if k in vars(m)]
     try: res = copy.deepcopy(model)
     finally:
         for m,k,w in held: setattr(m, k, w)
-    for m in res.modules():
-        for h in m._forward_pre_hooks.values():
-            if isinstance(h, WeightNorm) and h.name not in vars(m): setattr(m, h.name, h.compute_weight(m))
+    copies = {id(m): c for m,c in zip(model.modules(), res.modules())}
+    for m,k,w in held: setattr(copies[id(m)], k, w.detach().clone())
     return res
 
 def _f64(model): return _copy(model).to('cpu', torch.float64)
 
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
 def _plain(conv):
-    "A float64 copy of `conv` in eval whose weight is a plain parameter: parametrizations, weight and spectral norm, pruning baked in"
+    "A float64 copy of `conv` in eval whose weight is a plain parameter: a parametrization, weight or spectral norm, or pruning baked in"
     c = _f64(conv).eval()
-    if parametrize.is_parametrized(c):
-        for k in list(c.parametrizations): parametrize.remove_parametrizations(c, k, leave_parametrized=True)
-    for h in list(c._forward_pre_hooks.values()):
-        if isinstance(h, WeightNorm): torch.nn.utils.remove_weight_norm(c, h.name)
-        elif isinstance(h, SpectralNorm): torch.nn.utils.remove_spectral_norm(c, h.name)
-        elif isinstance(h, prune.BasePruningMethod): prune.remove(c, h._tensor_name)
-    return c
+    hooks = [h for h in c._forward_pre_hooks.values() if isinstance(h, _REPARAMS)]
+    if not hooks and not parametrize.is_parametrized(c): return c
+    for h in hooks: h(c, None)   # each sets the weight it computes, as before a forward
+    # a new conv rather than `remove_parametrizations`, which deletes the weight from the class a deep copy shares with the original
+    res = _CONVS[len(c.kernel_size)](c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
+                                     c.bias is not None, c.padding_mode, dtype=torch.float64).eval()
+    with torch.no_grad():
+        res.weight.copy_(c.weight)
+        if c.bias is not None: res.bias.copy_(c.bias)
+    return res
 
 def _fold(conv, bn):
     "`conv` with eval-mode `bn` folded in, computed in float64 and rounded once to the conv's dtype"
@@ -286,8 +290,12 @@ def _rel_err(a, b):
 def _paths(model): return {id(m): p for p,m in model.named_modules()}
 
 @contextlib.contextmanager
-def _as_run(model, mode, dropout=True):
-    "`model` in `mode`, dropout off unless `dropout`; its flags, caches and buffers (BN statistics) are put back afterwards"
+def model_kept(
+    model:nn.Module, # the model to run
+    mode:str, # 'train' or 'eval'
+    dropout:bool=True, # False: dropout off (in eval mode), also in training
+):
+    "`model` in `mode` for the block, dropout off unless `dropout`; its train/eval flags, caches and buffers (BN statistics) are put back afterwards"
     bufs = [(b, b.detach().clone()) for b in model.buffers()]
     with _kept(model):
         try:
@@ -325,7 +333,7 @@ def _run(model, x, mode, watch=(), dropout=True, grads=True):
     hooks = [model.get_submodule(p).register_forward_hook(lambda mod, i, o, p=p: seen.__setitem__(p, o.detach().clone())) for p in watch]   # a clone: the forward may add to it in place
     x = x.detach().clone().requires_grad_(train)
     try:
-        with _as_run(model, mode, dropout), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), torch.set_grad_enabled(train):
+        with model_kept(model, mode, dropout), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), torch.set_grad_enabled(train):
             torch.manual_seed(0)
             ys = _leaves(model(x), model)
             g = _grads(model, x, ys) if train and grads else {}
@@ -425,7 +433,7 @@ def _time(models, x, mode, reps=5) -> list:
     train, times = mode == 'train', [[] for _ in models]
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=[x.device] if x.is_cuda else []))
-        for m in models: stack.enter_context(_as_run(m, mode))
+        for m in models: stack.enter_context(model_kept(m, mode))
         params = [[p for p in m.parameters() if p.requires_grad] for m in models]
         for r in range(reps + 1):
             for m,ps,t in zip(models, params, times):

@@ -11,20 +11,23 @@ from contextlib import contextmanager
 from pathlib import Path
 import pandas as pd
 import psutil
-import torch, torch.nn as nn, torchvision
+import torch, torch.nn as nn, torch.fx as fx, torchvision
+import torch.utils._pytree as pytree
 from torch.fx.experimental.optimization import fuse
 from filelock import FileLock
 from fastcore.script import call_parse
 from fastprogress.fastprogress import progress_bar
 from fastprogress import fastprogress as fpm
 from .bench import BenchSetting, compare_eval, compare_train_steps
-from .optimize import optimize_order
+from .optimize import optimize_order, model_kept
 from .swap import swap_order
+from .ops import module_role, function_act
 from .cli import cli_errors, check_choice, check_int, check_number
 
 # %% auto #0
-__all__ = ['TIMM_MODELS', 'SUBSET', 'SOURCES', 'COLUMNS', 'zoo_models', 'zoo_model', 'calibrate_bn', 'sweep_error', 'exactness',
-           'swap_coverage', 'zoo_row', 'run_isolated', 'zoo_sweep', 'zoo_summary', 'zoo_cli']
+__all__ = ['TIMM_MODELS', 'SUBSET', 'SOURCES', 'COLUMNS', 'zoo_models', 'zoo_model', 'calibrate_bn', 'output_errors',
+           'float64_rewrite', 'chain_convs', 'swap_coverage', 'zoo_row', 'run_isolated', 'zoo_sweep', 'zoo_summary',
+           'zoo_cli']
 
 # %% ../nbs/08a_zoo.ipynb #93784c5c
 TIMM_MODELS = {
@@ -191,44 +194,29 @@ def _classify(e) -> dict:
 
 def _bn_count(m) -> int: return sum(isinstance(c, nn.modules.batchnorm._BatchNorm) for c in m.modules())
 
-def _no_dropout(m, mode):
-    "`m` in `mode`, its dropout modules off (in eval mode)"
-    m.train(mode == 'train')
-    for d in m.modules():
-        if isinstance(d, nn.modules.dropout._DropoutNd): d.eval()
-    return m
-
-def _flat(y) -> torch.Tensor:
-    "Every tensor in the output `y` (a tensor, or tuples, lists and dicts of them, like googlenet's in training) as one float64 vector"
-    if isinstance(y, torch.Tensor): return y.detach().double().flatten()
-    parts = y.values() if isinstance(y, dict) else y if isinstance(y, (tuple, list)) else []
-    ts = [_flat(v) for v in parts if v is not None]
-    if not ts: raise TypeError(f"Cannot compare outputs of type {type(y).__name__}")
-    return torch.cat(ts)
-
-def _outputs(model, x, mode, dtype=None, seed=0):
-    "Output of a copy of `model` (cast to `dtype`) on `x` in `mode`, dropout off, seeded, as one float64 vector"
-    m = _no_dropout(copy.deepcopy(model).to(dtype) if dtype else copy.deepcopy(model), mode)
+def _outputs(model, x, mode, seed=0) -> torch.Tensor:
+    "Every tensor `model` returns on `x` in `mode` (dropout off, seeded) as one float64 vector; the model is left as it was"
     torch.manual_seed(seed)
-    with torch.no_grad(): return _flat(m(x.to(dtype) if dtype else x))
+    with model_kept(model, mode, dropout=False), torch.no_grad(): y = model(x.to(next(model.parameters()).dtype))
+    return torch.cat([t.detach().double().flatten() for t in pytree.tree_leaves(y) if isinstance(t, torch.Tensor)])
 
 def _rel(a, b) -> float: return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
-def sweep_error(model, new, x, mode:str='eval') -> float:
-    "max |new(x) − model(x)| / max |model(x)|, both models copied to float64, dropout off"
-    return _rel(_outputs(new, x, mode, torch.float64), _outputs(model, x, mode, torch.float64))
+def _f64(model): return copy.deepcopy(model).to(torch.float64)
 
-def exactness(model, report, x, x2, mode:str='eval', tol:float=1e-9) -> dict:
-    "The sweep's own check of `report = optimize_order(model, mode, example=x)`, on the fresh batch `x2`"
-    if report.rows:   # the rewrite proved in float64: optimize_order again on a float64 copy, whose folds are not rounded to float32
-        m64 = copy.deepcopy(model).to(torch.float64)
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            r64 = optimize_order(m64, mode, example=x.to(torch.float64), reps=0, channels_last=False, tol=tol, grad_tol=tol)
-        res = dict(groups64=len(r64.rows), sweep_error=sweep_error(m64, r64.model, x2, mode))
-    else: res = dict(sweep_error=sweep_error(model, report.model, x2, mode))   # nothing rewritten: a float64 copy of it
-    ref = _outputs(model, x2, mode, torch.float64)
-    return dict(res, fp32_error=_rel(_outputs(report.model, x2, mode), ref), fp32_error_original=_rel(_outputs(model, x2, mode), ref))
+def output_errors(model, new, x, mode:str='eval') -> dict:
+    "Max |Δ output| / max |output| on `x` against a float64 copy of `model`: of `new` (`optimize_order`'s result) and `model` as they are, and of a float64 copy of `new`"
+    ref = _outputs(_f64(model), x, mode)
+    return dict(fp32_error=_rel(_outputs(new, x, mode), ref), fp32_error_original=_rel(_outputs(model, x, mode), ref),
+                f64_error=_rel(_outputs(_f64(new), x, mode), ref))
+
+def float64_rewrite(model, x, x2, mode:str='eval', tol:float=1e-9) -> dict:
+    "The sweep's own proof of `optimize_order(model, mode, example=x)`: redone on a float64 copy (whose folds are not rounded), its groups and output error against that copy on `x2`"
+    m64 = _f64(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        r64 = optimize_order(m64, mode, example=x.to(torch.float64), reps=0, channels_last=False, tol=tol, grad_tol=tol)
+    return dict(groups64=len(r64.rows), sweep_error=_rel(_outputs(r64.model, x2, mode), _outputs(m64, x2, mode)))
 
 # %% ../nbs/08a_zoo.ipynb #a3a58a5c
 def _timings(variants:dict, x, mode, reps) -> dict:
@@ -241,15 +229,36 @@ def _timings(variants:dict, x, mode, reps) -> dict:
     df = compare_train_steps(variants, bs=x.shape[0], size=x.shape[-1], c_in=x.shape[1], steps=1, repeats=reps, setting=s).set_index('model')
     return {**{f'ms_{k}': df.ms_per_step[k] for k in variants}, **{f'speedup_{k}': 1 / df.ratio[k] for k in variants if k != 'original'}}
 
+class _OpTracer(fx.Tracer):
+    "Traces a whole model down to the modules the op registry knows"
+    def is_leaf_module(self, m, qualname): return module_role(m) is not None or super().is_leaf_module(m, qualname)
+
+def chain_convs(model) -> list|None:
+    "Paths of the convs of `model` that start a conv → norm → act chain in its torch.fx trace (each op's output used by the next alone); None if it cannot be traced"
+    try: g = _OpTracer().trace(copy.deepcopy(model).eval())   # a copy: a trace may fill caches with proxies
+    except Exception: return None
+    mods = dict(model.named_modules())
+    role = lambda n: (module_role(mods[n.target]) if n.op == 'call_module' else
+                      'act' if n.op == 'call_function' and function_act(n.target) else None)
+    alone = lambda n: len(n.users) == 1 and next(iter(n.users)).args[:1] == (n,)
+    def with_act(n):   # a norm+act module with its activation, or a norm whose output goes alone to an activation
+        if role(n) == 'norm_act': return type(getattr(mods[n.target], 'act', nn.Identity())) is not nn.Identity
+        return role(n) == 'bn' and alone(n) and role(next(iter(n.users))) == 'act'
+    return [n.target for n in g.nodes if role(n) == 'conv' and alone(n) and with_act(next(iter(n.users)))]
+
 def swap_coverage(model, x, order='bn_after') -> dict:
-    "What `swap_order(copy, order)` did to a copy of `model`: blocks by status, its `complete`, same state_dict keys, still runs on `x`"
+    "What `swap_order(copy, order)` did to a copy of `model`: blocks by status, its `complete`, the conv → norm → act chains of its trace it missed, same state_dict keys, still runs on `x`"
     m = copy.deepcopy(model)
-    keys = set(m.state_dict())
+    keys, chains = set(m.state_dict()), chain_convs(m)
     try: r = swap_order(m, order)
     except Exception as e:   # a refusal leaves the model as it was and says so; anything else is a bug
         return dict(swap_status='refused' if isinstance(e, ValueError) and 'Nothing was changed' in str(e) else 'crashed', swap_error=_line(e))
+    done = r.paths('rewritten')
+    missed = None if chains is None else [c for c in chains if not any(c == p or c.startswith(p + '.') for p in done)]
     res = dict(swap_status='ok', **{f'swap_{s}': len(r.paths(s)) for s in ('rewritten', 'unchanged', 'skipped')},
-               swap_complete=getattr(r, 'complete', None), swap_keys_same=set(m.state_dict()) == keys)
+               swap_complete=getattr(r, 'complete', None), swap_chains=None if chains is None else len(chains),
+               swap_missed=None if missed is None else len(missed), swap_missed_at='; '.join(missed[:3]) if missed else None,
+               swap_keys_same=set(m.state_dict()) == keys)
     try:
         with torch.no_grad(): m.eval()(x)
         return dict(res, swap_runs=True)
@@ -296,12 +305,15 @@ def zoo_row(
             warnings.simplefilter('ignore')
             try: report = optimize_order(model, mode, example=x, reps=reps, channels_last=channels_last)
             except Exception as e: report = None; note(**_classify(e))
+        new = None if report is None else report.model
         if report is not None:
-            note(outcome='optimized' if report.rows else 'unchanged', groups=len(report.rows), optimizer_error=report.error,
-                 layout_applied=report.channels_last, bn_optimized=_bn_count(report.model))
+            groups = len(report.rows)
+            note(outcome='optimized' if groups else 'unchanged', groups=groups, optimizer_error=report.error,
+                 layout_applied=report.channels_last, bn_optimized=_bn_count(new))
             phase('check')
-            note(**exactness(model, report, x, x2, mode, tol))
-            if not row['sweep_error'] <= tol: note(outcome='wrong', message=f"float64 output error {row['sweep_error']:.2e} > tol {tol:g}")
+            errors = output_errors(model, new, x2, mode)
+            f64 = errors.pop('f64_error')
+            note(**errors, **({} if groups else dict(sweep_error=f64, groups64=0)))   # nothing rewritten: the float64 copies are the proof
         fused = None
         if mode == 'eval':
             phase('fuse')
@@ -309,13 +321,20 @@ def zoo_row(
             except Exception as e: note(fuse_error=_line(e))
         if reps and row.get('outcome') == 'optimized':
             phase('time')
-            variants = dict(original=model, optimized=report.model, control=copy.deepcopy(model), **({'fuse': fused} if fused else {}))
+            variants = dict(original=model, optimized=new, control=copy.deepcopy(model), **({'fuse': fused} if fused else {}))
             try: t = _timings(variants, x, mode, reps)
             except Exception as e: t = {}; note(time_error=_line(e))   # e.g. a train step needs one tensor out for its loss
             note(**{k.replace('speedup_optimized', 'speedup'): v for k,v in t.items()})
             if 'speedup_fuse' in t: note(speedup_vs_fuse=t['speedup_optimized'] / t['speedup_fuse'])
+        report = new = fused = variants = None   # a whole-model copy each: memory for the float64 proof
         phase('swap')
         note(**swap_coverage(model, x))
+        if row.get('outcome') == 'optimized':
+            phase('exact')
+            note(**float64_rewrite(model, x, x2, mode, tol))
+            if not row['sweep_error'] <= tol: note(outcome='wrong', message=f"float64 output error {row['sweep_error']:.2e} > tol {tol:g}")
+        elif row.get('outcome') == 'unchanged' and not row['sweep_error'] <= tol:
+            note(outcome='wrong', message=f"float64 output error {row['sweep_error']:.2e} > tol {tol:g} though nothing was rewritten")
         phase('done')
     except Exception as e:   # the sweep's own steps: building, checking, timing
         oom = _is_oom(e)
@@ -329,8 +348,8 @@ COLUMNS = ['source', 'model', 'mode', 'channels_last', 'bs', 'size', 'params_m',
            'groups', 'groups64', 'optimizer_error', 'sweep_error', 'fp32_error', 'fp32_error_original', 'layout_applied',
            'bn_original', 'bn_optimized', 'bn_fuse', 'fuse_error', 'ms_original', 'ms_optimized', 'ms_fuse', 'ms_control',
            'speedup', 'speedup_fuse', 'speedup_vs_fuse', 'speedup_control', 'time_error', 'swap_status', 'swap_error', 'swap_rewritten',
-           'swap_unchanged', 'swap_skipped', 'swap_complete', 'swap_keys_same', 'swap_runs', 'phase', 'seconds', 'peak_rss_gb',
-           's_build', 's_optimize', 's_check', 's_fuse', 's_time', 's_swap']
+           'swap_unchanged', 'swap_skipped', 'swap_complete', 'swap_chains', 'swap_missed', 'swap_missed_at', 'swap_keys_same', 'swap_runs', 'phase', 'seconds', 'peak_rss_gb',
+           's_build', 's_optimize', 's_check', 's_fuse', 's_time', 's_swap', 's_exact']
 _KEY = ['source', 'model', 'mode', 'channels_last', 'bs']
 
 def _key(row) -> tuple: return tuple(str(row[k]) for k in _KEY)
@@ -438,7 +457,10 @@ def _describe(row) -> str:
     if row.get('speedup') is not None: s += f", {row['speedup']:.2f}× (fx fuse {row.get('speedup_fuse', float('nan')):.2f}×, control {row.get('speedup_control', float('nan')):.2f}×)"
     if o not in ('optimized', 'unchanged'): s += f" [{row.get('message', '')}]"[:200]
     swap = row.get('swap_status')
-    if swap: s += f"; swap {swap}" + (f", complete {row.get('swap_complete')}" if swap == 'ok' else '') + (', does not run' if row.get('swap_runs') is False else '')
+    if swap == 'ok': s += f"; swap: {row.get('swap_rewritten')} rewritten, {row.get('swap_skipped')} skipped" + \
+                          ('' if row.get('swap_chains') is None else f", {row.get('swap_missed')} of {row.get('swap_chains')} chains missed")
+    elif swap: s += f"; swap {swap}"
+    if row.get('swap_runs') is False: s += ', does not run'
     return s + f" ({row.get('seconds', 0):.0f} s)"
 
 def zoo_sweep(
@@ -504,7 +526,11 @@ def zoo_summary(df:pd.DataFrame) -> pd.DataFrame:
         r[f'{modes} speed-up vs fx fuse'] = _spread(opt.speedup_vs_fuse)
         r['identical copy (control)'] = _spread(opt.speedup_control)
         swapped = _is(d.swap_status, 'ok')
-        r['swap complete'] = f"{int(_is(d.swap_complete, True).sum())}/{len(d)}"
+        traced = pd.to_numeric(d.swap_missed, errors='coerce').notna()
+        r['swap: every chain swapped'] = f"{int((traced & _is(d.swap_missed, 0)).sum())}/{int(traced.sum())}"
+        r['swap: chains swapped'] = f"{int(pd.to_numeric(d.swap_chains, errors='coerce').sum() - pd.to_numeric(d.swap_missed, errors='coerce').sum())}" \
+                                    f"/{int(pd.to_numeric(d.swap_chains, errors='coerce').sum())}"
+        r['swap: report complete'] = f"{int(_is(d.swap_complete, True).sum())}/{len(d)}"
         r['swap refused / crashed'] = f"{int(_is(d.swap_status, 'refused').sum())} / {int(_is(d.swap_status, 'crashed').sum())}"
         r['swapped model fails to run'] = int(_is(d.swap_runs, False).sum())
         r['swap changed state_dict keys'] = int((swapped & _is(d.swap_keys_same, False)).sum())
@@ -541,13 +567,15 @@ def zoo_cli(
     check_int('threads', threads, none_ok=True)
     if threads: torch.set_num_threads(threads)
     with _term_as_interrupt(): df = zoo_sweep(source, models, mode, channels_last, reps, timeout, memory_gb, out, bs, size)
-    bad = df[~df.outcome.isin(['optimized', 'unchanged']) | ~df.swap_status.isin(['ok']) | _is(df.swap_runs, False)]
+    bad = df[~df.outcome.isin(['optimized', 'unchanged']) | ~df.swap_status.isin(['ok']) | _is(df.swap_runs, False) |
+             (pd.to_numeric(df.swap_missed, errors='coerce') > 0)]
     if len(bad):
         print(f"\nModels to look at ({len(bad)}):")
         for r in bad.to_dict('records'):
             print(f"  {r['source']}/{r['model']}: {r['outcome']}" + (f" [{r['message']}]" if r['outcome'] not in ('optimized', 'unchanged') else '')
                   + (f"; swap {r['swap_status']}" if isinstance(r['swap_status'], str) and r['swap_status'] != 'ok' else '')
-                  + ('; the swapped model does not run' if str(r['swap_runs']) == 'False' else '') + (f" [{r['swap_error']}]" if isinstance(r['swap_error'], str) else ''))
+                  + ('; the swapped model does not run' if str(r['swap_runs']) == 'False' else '') + (f" [{r['swap_error']}]" if isinstance(r['swap_error'], str) else '')
+                  + (f"; swap missed {r['swap_missed']:.0f} of {r['swap_chains']:.0f} chains: {r['swap_missed_at']}" if r['swap_missed'] > 0 else ''))
     print(f"\nSummary of {len(df)} models in {out} ({mode}, batch {bs}, cpu, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}):")
     print(zoo_summary(df).to_string())
     return df
