@@ -7,7 +7,7 @@ Docs: https://fastai-order.github.io/fastai_order/swap.html.md"""
 # %% ../nbs/02_swap.ipynb #39a779ae
 from __future__ import annotations
 import copy, inspect
-from collections import OrderedDict
+from collections import OrderedDict, Counter
 import pandas as pd
 from torch import nn
 import torch.fx as fx
@@ -283,6 +283,69 @@ def _reorder_children(seq, group):
     items = [(k, seq._modules[k]) for k in keys[:start] + new + keys[start+len(new):]]
     seq._modules.clear(); seq._modules.update(items)
 
+# %% ../nbs/02_swap.ipynb #8d117995
+_ENDS, _STARTS = ('conv', 'bn', 'norm_act', 'norm_part'), ('bn', 'norm_act', 'norm_part', 'act')   # a chain crosses a border from an op of the first kind to one of the second
+
+def _own_graph(m, training, cache):
+    "The torch.fx graph of child `m`'s forward (its children leaves) if it can be inlined, else None"
+    if id(m) not in cache:
+        ok = not isinstance(m, BLOCK_TYPES + (nn.ModuleList, nn.ModuleDict)) and \
+             not any(getattr(m, a) for a in ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks'))
+        try: cache[id(m)] = _trace(m, 'forward', training) if ok and len(inspect.signature(type(m).forward).parameters) == 2 else None
+        except Exception: cache[id(m)] = None
+    return cache[id(m)]
+
+def _edge(n, owner, head, training, cache, last, depth=3):
+    "The role of the op call `n` is, or for a call of a child module, of its last op (`last`) or first op that takes its input"
+    op = _graph_op(n, owner, head)
+    if op is not None: return op[0]
+    if n.op != 'call_module' or depth == 0: return None
+    m = owner.get_submodule(n.target)
+    g = _own_graph(m, training, cache)
+    if g is None: return None
+    if last:
+        out = next(iter(x for x in g.nodes if x.op == 'output')).args[0]
+        return _edge(out, m, head, training, cache, last, depth-1) if isinstance(out, fx.Node) else None
+    ph = [x for x in g.nodes if x.op == 'placeholder']
+    users = list(ph[0].users) if len(ph) == 1 else []
+    return _edge(users[0], m, head, training, cache, last, depth-1) if len(users) == 1 and users[0].args[:1] == (ph[0],) else None
+
+def _borders(graph, owner, head, training, cache):
+    "Paths of the children whose calls in `graph` a chain crosses into or out of, and which can be inlined"
+    calls, homes = Counter(n.target for n in graph.nodes if n.op == 'call_module'), Counter(id(m) for _,m in owner.named_modules(remove_duplicate=False))
+    child = lambda n: n.op == 'call_module' and _op_role(owner.get_submodule(n.target), head) is None and calls[n.target] == 1 and \
+                      homes[id(owner.get_submodule(n.target))] == 1 and _own_graph(owner.get_submodule(n.target), training, cache) is not None
+    res = []
+    for p in graph.nodes:
+        if len(p.users) != 1: continue
+        c = next(iter(p.users))
+        if c.args[:1] != (p,) or not (child(p) or child(c)): continue
+        if _edge(p, owner, head, training, cache, last=True) in _ENDS and _edge(c, owner, head, training, cache, last=False) in _STARTS:
+            res += [n.target for n in (p, c) if child(n) and n.target not in res]
+    return res
+
+def _inline(graph, owner, path, training, cache):
+    "Replace the call of child `path` in `graph` by the calls its forward makes, their targets prefixed with `path`"
+    node = next(n for n in graph.nodes if n.op == 'call_module' and n.target == path)
+    sub = _own_graph(owner.get_submodule(path), training, cache)
+    env = dict(zip([n for n in sub.nodes if n.op == 'placeholder'], node.args))
+    with graph.inserting_before(node):
+        for n in sub.nodes:
+            if n.op == 'placeholder': continue
+            if n.op == 'output': out = fx.node.map_arg(n.args[0], env.__getitem__); break
+            env[n] = graph.node_copy(n, env.__getitem__)
+            if n.op in ('call_module', 'get_attr'): env[n].target = f'{path}.{n.target}'
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+def _inline_borders(graph, owner, head, training):
+    "Inline, in `graph` of `owner`, the children a chain crosses into or out of, until none is left; their paths"
+    cache, done = {}, []
+    while todo := [p for p in _borders(graph, owner, head, training, cache) if p not in done]:
+        for p in todo: _inline(graph, owner, p, training, cache)
+        done += todo
+    return done
+
 # %% ../nbs/02_swap.ipynb #b8a04142
 _METHODS = ('forward', 'forward_features')   # timm's models and fastai's TimmBody call forward_features
 
@@ -298,7 +361,8 @@ def _owners(model, head):
         if any(path.startswith(p) for p in skip): continue
         if isinstance(m, BLOCK_TYPES) or _op_role(m, head) is not None: skip.append(f'{path}.' if path else ''); continue
         if isinstance(m, (nn.ModuleList, nn.ModuleDict)): continue
-        if not any(_op_role(c, head) in _ANCHORS for c in _callable_children(m)): continue
+        roles = [_op_role(c, head) for c in _callable_children(m)]
+        if not any(r in _ANCHORS for r in roles) and not (None in roles and len(roles) > 1): continue   # a chain, or maybe one across a child's border
         plain = type(m).forward is nn.Sequential.forward and 'forward' not in vars(m)
         yield path, m, 'sequential' if plain else 'traced'
 
@@ -309,19 +373,21 @@ def _same(g1, g2):
         return [(n.op, str(n.target), fx.node.map_arg((n.args, n.kwargs), at.get)) for n in g.nodes]
     return calls(g1) == calls(g2)
 
-def _install(owner, graphs):
+def _install(owner, graphs, head):
     "Make `graphs` (by method, then training mode) `owner`'s methods, or leave the class's own where they compute the same"
     for g in (g for by_mode in graphs.values() for g in by_mode.values()): g.lint()
     for m in _METHODS: vars(owner).pop(m, None)   # forward may call forward_features: compare with the class's own
     fresh = {m: {t: _trace(owner, m, t) for t in by_mode} for m,by_mode in graphs.items()}
+    for by_mode in fresh.values():   # with the same children inlined
+        for t, g in by_mode.items(): _inline_borders(g, owner, head, t)
     for m, by_mode in graphs.items():
         if all(_same(by_mode[t], fresh[m][t]) for t in by_mode): continue
         setattr(owner, m, TracedForward(owner, {None: by_mode[True]} if _same(*by_mode.values()) else by_mode))
 
-def _plan_owner(path, owner, route, order, head):
-    "(rows, apply) for the chains in `owner`'s forward: rows for the report, and a function making the swaps"
+def _plan_owner(path, owner, route, order, head, taken):
+    "(rows, apply) for the chains in `owner`'s forward: rows for the report, and a function making the swaps; adds the paths of the children it inlined to `taken`"
     prefix = f'{path}.' if path else ''
-    if route == 'sequential':
+    if route == 'sequential' and not _inline_borders(_trace(owner, 'forward', True), owner, head, True):
         groups = [_Group(g, order, head, prefix) for run in _runs_of_children(owner, head) for g in _groups(run)]
         if not any(g.apart and g.new != g.old for g in groups):
             for g in groups: g.check(owner)
@@ -339,12 +405,13 @@ def _plan_owner(path, owner, route, order, head):
     rows, changed = {}, False
     for m, by_mode in graphs.items():
         for t, g in by_mode.items():
+            taken.update(prefix + p for p in _inline_borders(g, owner, head, t))
             groups = [_Group(ops, order, head, prefix) for run in _runs_of_graph(g, owner, head) for ops in _groups(run)]
             for grp in groups:
                 grp.check(owner)
                 rows.setdefault(grp.path, grp.row(owner, 'traced'))
                 if grp.new != grp.old: _rewrite_graph(g, grp); changed = True
-    return list(rows.values()), (lambda: _install(owner, graphs)) if changed else (lambda: None)
+    return list(rows.values()), (lambda: _install(owner, graphs, head)) if changed else (lambda: None)
 
 # %% ../nbs/02_swap.ipynb #5486e9e8
 def swap_order(
@@ -358,7 +425,9 @@ def swap_order(
     if absorb not in (True, False): raise TypeError(f"`absorb` must be True or False, got {absorb!r}")
     order, head = LayerOrder(order), None if head is None else LayerOrder(head)
     blocks = _plan_blocks(model, order, absorb)   # the plans raise, before anything changes, if an order would break the model
-    owners = [_plan_owner(p, m, route, order, head) for p,m,route in _owners(model, head)]
+    taken, owners = set(), []
+    for p, m, route in _owners(model, head):   # parents first: a child inlined into its parent's forward is planned there
+        if p not in taken: owners.append(_plan_owner(p, m, route, order, head, taken))
     for row, block, roles, new, absorbed in blocks:
         if row['status'] == 'rewritten': _apply(block, roles, new, absorbed)
     for _, apply in owners: apply()

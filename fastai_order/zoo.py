@@ -238,13 +238,18 @@ def chain_convs(model) -> list|None:
     try: g = _OpTracer().trace(copy.deepcopy(model).eval())   # a copy: a trace may fill caches with proxies
     except Exception: return None
     mods = dict(model.named_modules())
+    identity = lambda n: n.op == 'call_module' and type(mods[n.target]) is nn.Identity
     role = lambda n: (module_role(mods[n.target]) if n.op == 'call_module' else
                       'act' if n.op == 'call_function' and function_act(n.target) else None)
-    alone = lambda n: len(n.users) == 1 and next(iter(n.users)).args[:1] == (n,)
+    def after(n):   # the op that alone takes the output of `n`, past identities, or None
+        while len(n.users) == 1 and next(iter(n.users)).args[:1] == (n,):
+            n = next(iter(n.users))
+            if not identity(n): return n
+        return None
     def with_act(n):   # a norm+act module with its activation, or a norm whose output goes alone to an activation
         if role(n) == 'norm_act': return type(getattr(mods[n.target], 'act', nn.Identity())) is not nn.Identity
-        return role(n) == 'bn' and alone(n) and role(next(iter(n.users))) == 'act'
-    return [n.target for n in g.nodes if role(n) == 'conv' and alone(n) and with_act(next(iter(n.users)))]
+        return role(n) == 'bn' and (a := after(n)) is not None and role(a) == 'act'
+    return [n.target for n in g.nodes if role(n) == 'conv' and (a := after(n)) is not None and with_act(a)]
 
 def swap_coverage(model, x, order='bn_after') -> dict:
     "What `swap_order(copy, order)` did to a copy of `model`: blocks by status, its `complete`, the conv → norm → act chains of its trace it missed, same state_dict keys, still runs on `x`"

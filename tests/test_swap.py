@@ -349,3 +349,58 @@ def test_fastai_head_takes_its_own_order():
     assert swap_order(create_head(64, 4), 'resnet').paths() == []     # without head=, the head is left alone
     with pytest.raises(ValueError, match="its norm has 128 channels but would see 512 after the Linear"):
         swap_order(create_head(64, 4), 'resnet', head='linear-bn')
+
+
+class ConvBN(nn.Module):
+    "A conv and its BN in a module of their own, as timm's LeViT and RepViT build them (`ConvNorm`)"
+    def __init__(self, ni, nf): super().__init__(); self.c, self.bn = nn.Conv2d(ni, nf, 3, padding=1, bias=False), nn.BatchNorm2d(nf)
+    def forward(self, x): return self.bn(self.c(x))
+
+class BNActConv(nn.Module):
+    "BN, activation, conv in a module of their own, as DPN's `BnActConv2d`"
+    def __init__(self, ni, nf): super().__init__(); self.bn, self.act, self.conv = nn.BatchNorm2d(ni), nn.ReLU(), nn.Conv2d(ni, nf, 1)
+    def forward(self, x): return self.conv(self.act(self.bn(x)))
+
+class Borders(nn.Module):
+    "Chains across module borders: a conv and BN in a child, the activation in the parent; a conv at a child's end, BN and activation at the next child's start"
+    def __init__(self):
+        super().__init__()
+        self.cb, self.act = ConvBN(3, 8), nn.ReLU()
+        self.a, self.b = BNActConv(8, 8), BNActConv(8, 8)
+    def forward(self, x): return self.b(self.a(self.act(self.cb(x))))
+
+
+def test_chains_across_module_borders_swap():
+    "timm's ResNet-D stem, LeViT's and RepViT's ConvNorm, DPN's BnActConv2d: 1, 14, 27 and 44 chains were missed"
+    m = randomized(Borders())
+    keys, x = list(m.state_dict()), torch.randn(2, 3, 8, 8)
+    y = m(x)
+    r = swap_order(m, 'bn_after')
+    assert r.paths() == ['cb.c', 'a.conv'] and r.complete and list(m.state_dict()) == keys
+    assert set(r.df.layer) == {'Borders'} and traced(m) == ['']   # the children's calls are inlined into the parent's forward
+    with torch.no_grad():
+        cb, a, b = m.cb, m.a, m.b
+        h = a.conv(a.act(a.bn(cb.bn(m.act(cb.c(x))))))   # conv → act → bn across each border
+        torch.testing.assert_close(m(x), b.conv(b.bn(b.act(h))))
+    swap_order(m, 'resnet')
+    assert torch.equal(m(x), y) and traced(m) == []
+
+
+@pytest.mark.parametrize('name, stem', [('resnet26d', 'conv1.6'), ('levit_conv_128s', 'stem.conv1.linear'), ('repvit_m1', 'stem.conv1.c')])
+def test_timm_chains_across_borders(name, stem):
+    from fastai_order.zoo import chain_convs
+    m = randomized(timm.create_model(name))
+    chains, x = chain_convs(m), torch.randn(1, 3, 224, 224)
+    y = m(x)
+    r = swap_order(m, 'bn_after')
+    assert stem in r.paths() and set(chains) <= set(r.paths())
+    assert not torch.allclose(m(x), y)
+    swap_order(m, 'resnet')
+    assert torch.equal(m(x), y)
+
+
+def test_a_child_with_hooks_is_not_inlined():
+    m = randomized(Borders())
+    m.cb.register_forward_hook(lambda *a: None)
+    r = swap_order(m, 'bn_after')
+    assert r.paths() == ['a.conv'] and 'cb' not in ' '.join(r.paths())   # the hook still fires: cb's chain is left as it was
