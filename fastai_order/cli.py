@@ -34,9 +34,10 @@ def check_int(name:str, v, lo:int=1, none_ok:bool=False):
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo: raise ValueError(f"`{name}` must be an integer ≥ {lo}, got {v!r}")
     return int(v)
 
-def check_number(name:str, v, lo:float=0):
-    "`v` if it is a real number ≥ `lo` (not NaN), else a `ValueError` naming it"
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= lo: raise ValueError(f"`{name}` must be a number ≥ {lo}, got {v!r}")
+def check_number(name:str, v, lo:float=0, none_ok:bool=False):
+    "`v` if it is a real number ≥ `lo` (not NaN, or `None` when `none_ok`), else a `ValueError` naming it"
+    if none_ok and v is None: return v
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= lo: raise ValueError(f"`{name}` must be a number ≥ {lo}{' or None' * none_ok}, got {v!r}")
     return v
 
 def check_module(model, fn:str, learner:bool=True):

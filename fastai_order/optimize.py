@@ -24,7 +24,7 @@ from .commute import conditions_of, _search, _steps, _cheapest, _cost, _check_mo
 from .cli import check_module, check_number, check_int
 
 # %% auto #0
-__all__ = ['plan_rewrites', 'model_kept', 'OptimizeReport', 'optimize_order']
+__all__ = ['ROUNDING_MARGIN', 'plan_rewrites', 'model_kept', 'rounding_sensitivity', 'OptimizeReport', 'optimize_order']
 
 # %% ../nbs/04a_optimize.ipynb #b7017a8f
 class _Tracer(fx.Tracer):
@@ -246,13 +246,14 @@ def _split(model, path):
     return path
 
 def _apply(model, plan):
-    "Rewrite, in `model`, the group `plan` was made for, fixing the forwards that call it; returns the path whose output is the group's"
+    "Rewrite, in `model`, the group `plan` was made for, fixing the forwards that call it; returns the group's new modules, in the order they are called"
     for o in plan.owners: _freeze(model.get_submodule(o))
     slot_of = {op_name(model.get_submodule(p)): p for p in plan.slots}
     slot_of.pop('identity', None)
     mods = {n: model.get_submodule(p) for n,p in slot_of.items()}
     if plan.fold: mods['conv'] = _fold(mods['conv'], mods['bn'])
     new = [(n, mods[n]) for n in plan.after]
+    chain = [m for _,m in new]
     region = _block_region(model, plan.slots)
     if region:
         block_path, keys, rest = region
@@ -261,16 +262,16 @@ def _apply(model, plan):
         head = [(k, m) for k,m in block._modules.items() if k not in keys]
         block._modules.clear(); block._modules.update(head + [(key_of[n], m) for n,m in new])
         for p in rest: _set(model, p, nn.Identity())
-        return rest[-1] if rest else block_path
+        return chain
     for i,p in enumerate(plan.slots):
         n = op_name(model.get_submodule(p))
         if new and new[0][0] == n: _set(model, p, new.pop(0)[1])   # in place (a conv may have taken in its BN)
         elif n == 'identity' or n not in plan.after: _set(model, p, nn.Identity())
         else: break
-    else: return plan.slots[-1]
+    else: return chain
     for p in plan.slots[i:-1]: _set(model, p, nn.Identity())
     _set(model, plan.slots[-1], new[0][1] if len(new) == 1 else nn.Sequential(*[m for _,m in new]))
-    return plan.slots[-1]
+    return chain
 
 # %% ../nbs/04a_optimize.ipynb #ac964d0a
 def _rel_err(a, b):
@@ -328,9 +329,9 @@ def _grads(model, x, ys):
     return {n: g for n,g in zip(['input'] + [n for n,_ in params], gs) if g is not None}
 
 def _run(model, x, mode, watch=(), dropout=True, grads=True):
-    "Outputs, gradients by parameter name (train, `grads`) and the outputs of the modules at `watch` of `model` on `x` (`dropout=False`: dropout off); `model` is left as it was"
+    "Outputs, gradients by parameter name (train, `grads`) and the inputs of the modules at `watch` of `model` on `x` (`dropout=False`: dropout off); `model` is left as it was"
     seen, train = {}, mode == 'train'
-    hooks = [model.get_submodule(p).register_forward_hook(lambda mod, i, o, p=p: seen.__setitem__(p, o.detach().clone())) for p in watch]   # a clone: the forward may add to it in place
+    hooks = [model.get_submodule(p).register_forward_pre_hook(lambda mod, a, p=p: seen.__setitem__(p, a[0].detach().clone())) for p in watch]   # a clone: the forward may change it in place
     x = x.detach().clone().requires_grad_(train)
     try:
         with model_kept(model, mode, dropout), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), torch.set_grad_enabled(train):
@@ -389,33 +390,64 @@ def _warn_plan(model, plan):
         else: continue
         _warn_hooks(m, p, fate)
 
+def _nudge(params, back=False, seed=0):
+    "Move each of `params` to a neighbouring float, up or down at random (`back`: undo it, exactly)"
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            up = (torch.rand(p.shape, generator=g) < 0.5).to(p.device) ^ back
+            p.copy_(torch.nextafter(p, torch.where(up, torch.inf, -torch.inf).to(p.dtype)))
+
+def rounding_sensitivity(
+    model:nn.Module, # the model, left as it was
+    x:torch.Tensor, # the batch to run it on
+    mode:str='eval', # 'train' (outputs and gradients) or 'eval'
+    ref=None, # its `_run` on `x`, if made already
+) -> tuple:
+    "(output, gradient or None) change of `model` on `x` when every parameter moves by one rounding, to a neighbouring float: how much the model amplifies rounding"
+    if ref is None: ref = _run(model, x, mode)
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    _nudge(params)
+    try: return _errors(_run(model, x, mode), ref)
+    finally: _nudge(params, back=True)
+
+def _group_error(old, new, x, mode):
+    "Output error of a group's new modules `new` against its old ones `old` (each in the order they are called), run alone on the group's input `x`"
+    outs = []
+    for mods in (old, new):
+        seq = nn.Sequential(*mods)
+        with model_kept(seq, mode), torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)   # the same dropout masks
+            outs.append(seq(x.clone()))
+    return _rel_err(outs[1], outs[0])
+
 def _rewrite(model, mode, x, max_rounds=8, no_dropout=False):
-    "Rewrite float64 copy `model` in rounds until nothing cheaper is left, checking each group on `x`"
+    "Rewrite float64 copy `model` in rounds until nothing cheaper is left, checking each group on its input from `x`"
     start, steps, plans, errors, frozen = _paths(model), [], [], [], []
     splits = _splits(model) if mode == 'eval' else []
     todo = [] if splits else plan_rewrites(model, mode)
-    run0 = run = _run(model, x, mode, [p.slots[-1] for p in todo])   # the original
+    run0 = run = _run(model, x, mode, [p.slots[0] for p in todo])   # the original, and each group's input
+    sensitivity = rounding_sensitivity(model, x, mode, run0)
     run0d = _run(model, x, mode, dropout=False) if no_dropout else run0
     if splits:
         for p in splits:
             _warn_hooks(model.get_submodule(p), p, 'no longer calls it: it is split into its BatchNorm, dropout and activation')
             steps.append(('split', _split(model, p)))
         todo = plan_rewrites(model, mode)
-        run = _run(model, x, mode, [p.slots[-1] for p in todo], grads=not todo)
+        run = _run(model, x, mode, [p.slots[0] for p in todo], grads=not todo)
     for i in range(max_rounds):   # a rewrite can bring ops of neighbouring groups together, hence rounds
         if not todo: break
-        outs = []
         for p in todo:
             _warn_plan(model, p)
             frozen += [o for o in p.owners if not _frozen(model.get_submodule(o))]
-            outs.append(_apply(model, p)); steps.append(('plan', p))
+            old = [model.get_submodule(s) for s in p.slots]
+            errors.append(_group_error(old, _apply(model, p), run[2][p.slots[0]], mode)); steps.append(('plan', p))
         plans += todo
-        done, todo = todo, plan_rewrites(model, mode) if i + 1 < max_rounds else []
-        before, run = run[2], _run(model, x, mode, outs + [p.slots[-1] for p in todo], grads=not todo)
-        errors += [_rel_err(run[2][o], before[p.slots[-1]]) for p,o in zip(done, outs)]
+        todo = plan_rewrites(model, mode) if i + 1 < max_rounds else []
+        run = _run(model, x, mode, [p.slots[0] for p in todo], grads=not todo)
     rund = _run(model, x, mode, dropout=False) if no_dropout else run
     moved = {p: start[i] for i,p in _paths(model).items() if i in start and start[i] != p}
-    return dict(steps=steps, plans=plans, moved=moved, errors=errors, frozen=frozen, refs=(run0, run), drift_refs=(run0d, rund))
+    return dict(steps=steps, plans=plans, moved=moved, errors=errors, frozen=frozen, refs=(run0, run), drift_refs=(run0d, rund), sensitivity=sensitivity)
 
 def _replay(model, steps):
     "Make in `model` the rewrites `steps` (from `_rewrite` on a copy of it), in order"
@@ -474,7 +506,8 @@ class OptimizeReport:
                    (f" (gradients {self.grad_drift['rewritten']:.1e} vs {self.grad_drift['original']:.1e})" if self.grad_drift else '')
         if self.channels_last is None: return res + '; channels_last does not apply' + (f"; {s['total']:.2f}× faster on the example batch" if s else '')
         if not s: return res + f"; channels_last {'' if self.channels_last else 'not '}applied"
-        cl = f"{t['reordered']/t['channels_last']:.2f}× from channels_last" + ('' if self.channels_last else ', not applied')
+        cl = f"{t['reordered']/t['channels_last']:.2f}× from channels_last" + ('' if self.channels_last else ', not applied') \
+             if 'channels_last' in t else "channels_last not tried"
         return res + f"; on the example batch {s['total']:.2f}× faster: {s['reorder']:.2f}× from the rewrites, {cl}"
     def __repr__(self): return self.title + ('\n' + self.df.drop(columns='reasons').to_string(index=False) if self.rows else '')
     def _repr_html_(self): return f'<p>{self.title}</p>' + (self.df.to_html(index=False) if self.rows else '')
@@ -510,18 +543,27 @@ def _drift_fails(d0, d1, drift, unit):
 
 _REFUSED = "optimize_order refused ({}): {} Nothing was changed."
 _GROUP_TOL = 1e-9   # a group's float64 check: its own rounding is ~1e-15, so whatever `tol` is, a group may be off by no more
+ROUNDING_MARGIN = 100   # the default model tolerance allows this many times what one rounding of every parameter changes
 
-def _check_equivalence(plans, errors, error, grad_error, tol, grad_tol):
+def _tolerances(tol, grad_tol, sensitivity):
+    "The model's float64 tolerances: `tol` and `grad_tol` as given, or where None the larger of 1e-9 and `ROUNDING_MARGIN` × its `sensitivity`"
+    auto = lambda t, s: t if t is not None else max(_GROUP_TOL, ROUNDING_MARGIN * (s or 0))
+    return auto(tol, sensitivity[0]), auto(grad_tol, sensitivity[1])
+
+def _check_equivalence(plans, errors, error, grad_error, tol, grad_tol, sensitivity):
     "Raise naming the first group, or else the model's outputs or gradients, that differ by more than the tolerances in float64"
-    gtol = min(tol, _GROUP_TOL)
+    gtol = _GROUP_TOL if tol is None else min(tol, _GROUP_TOL)
     bad = next(((p, e) for p,e in zip(plans, errors) if not e <= gtol), None)
-    lim = f'tol={gtol:g}' if gtol == tol else f'{gtol:g} (a group is held to min(tol, {_GROUP_TOL:g}), not tol={tol:g})'
+    lim = f'tol={gtol:g}' if tol in (None, gtol) else f'{gtol:g} (a group is held to min(tol, {_GROUP_TOL:g}), not tol={tol:g})'
     if bad: raise ValueError(_REFUSED.format('equivalence', f"in float64 the rewrite of {bad[0].slots[0]} {'-'.join(bad[0].before)} → "
         f"{'-'.join(bad[0].after)} changes the group's output by {bad[1]:.2e} (relative), more than {lim}: it computes another function."))
-    if not error <= tol or not (grad_error or 0) <= grad_tol:
-        what, err, lim = ('outputs', error, f'tol={tol:g}') if not error <= tol else ('gradients', grad_error, f'grad_tol={grad_tol:g}')
+    tols = _tolerances(tol, grad_tol, sensitivity)
+    for what, name, err, given, t, s in zip(('outputs', 'gradients'), ('tol', 'grad_tol'), (error, grad_error), (tol, grad_tol), tols, sensitivity):
+        if err is None or err <= t: continue
+        lim = f'{name}={t:g}' + ('' if given is not None else f" (the larger of {_GROUP_TOL:g} and {ROUNDING_MARGIN}× the {s:.1e} by which one rounding of "
+                                                            f"every parameter moves them: the model's own sensitivity)")
         raise ValueError(_REFUSED.format('equivalence', f"in float64 the rewritten model's {what} differ from the original's by {err:.2e} "
-                                         f"(relative), more than {lim}."))
+                                         f"(relative), more than {lim}, while each group computes what it did."))
 
 def optimize_order(
     model, # any `nn.Module` torch.fx can trace
@@ -529,8 +571,8 @@ def optimize_order(
     example=None, # batch the result is checked and timed on (default: 8 random inputs sized for the first conv)
     inplace=False, # rewrite `model` itself, once the checks passed on copies
     channels_last=None, # None: when it times faster on `example` (needs `reps`); True or False: always or never (2-D and 3-D convs)
-    tol=1e-9, # equivalence: largest output error allowed in float64 for the model, relative to the largest output (each group: at most 1e-9)
-    grad_tol=1e-9, # equivalence in training: largest gradient error allowed in float64, relative to the largest gradient
+    tol=None, # equivalence: largest output error allowed in float64 for the model, relative to the largest output; None: 1e-9, or 100× the model's own rounding sensitivity if larger (each group, run alone: at most 1e-9)
+    grad_tol=None, # equivalence in training: largest gradient error allowed in float64, relative to the largest gradient; None: as for `tol`
     drift=4., # drift: at the run precision the rewritten model may be off the float64 result `drift`× as much as the original, plus one rounding
     autocast=None, # run precision: None as the caller (inside `torch.autocast` or not); torch.bfloat16 or torch.float16: under `torch.autocast`
     reps=5, # timed calls of each variant (0: no timing)
@@ -542,7 +584,7 @@ def optimize_order(
         f"got a {type(example).__name__}")
     if inplace not in (True, False): raise TypeError(f"`inplace` must be True or False, got {inplace!r}")
     if channels_last not in (None, True, False): raise TypeError(f"`channels_last` must be None, True or False, got {channels_last!r}")
-    check_number('tol', tol); check_number('grad_tol', grad_tol); check_number('drift', drift, 1); check_int('reps', reps, 0)
+    check_number('tol', tol, none_ok=True); check_number('grad_tol', grad_tol, none_ok=True); check_number('drift', drift, 1); check_int('reps', reps, 0)
     if not (autocast is None or autocast in (torch.bfloat16, torch.float16)): raise TypeError(
         f"`autocast` must be None (as the caller), torch.bfloat16 or torch.float16, got {autocast!r}")
     x = _example(model) if example is None else example
@@ -552,7 +594,7 @@ def optimize_order(
         rw = _rewrite(_f64(model), mode, x.detach().to('cpu', torch.float64), no_dropout=dropout)
         plans, errors, (ref0, ref1) = rw['plans'], rw['errors'], rw['drift_refs']
         error, grad_error = _errors(rw['refs'][1], rw['refs'][0], rw['moved'])
-        _check_equivalence(plans, errors, error, grad_error, tol, grad_tol)
+        _check_equivalence(plans, errors, error, grad_error, tol, grad_tol, rw['sensitivity'])
     new = _replay(_copy(model), rw['steps'])
     layout, times = _LAYOUTS.get(x.dim()), {}
     cl = _copy(new).to(memory_format=layout) if layout and (channels_last or (channels_last is None and reps)) else None
@@ -560,7 +602,7 @@ def optimize_order(
         with ctx(): t = _time([model, new] + ([cl] if cl is not None else []), x, mode, reps)
         times = dict(original=t[0], reordered=t[1], final=t[1], **({'channels_last': t[2]} if cl is not None else {}))
     if layout is None: use_layout = None
-    elif channels_last is None: use_layout = bool(times) and times['channels_last'] < times['reordered']
+    elif channels_last is None: use_layout = 'channels_last' in times and times['channels_last'] < times['reordered']
     else: use_layout = bool(channels_last)
     d0, d1 = _drift(model, ref0, x, mode, ctx), _drift(new, ref1, x, mode, ctx)   # the default layout: the rewrites' own rounding
     if what := _drift_fails(d0, d1, drift, unit):
@@ -586,7 +628,7 @@ def optimize_order(
     if mode == 'eval': new.eval()
     rows = [dict(path=p.slots[0] if len(p.slots) == 1 else f'{p.slots[0]} … {p.slots[-1]}', before='-'.join(p.before), after='-'.join(p.after),
                  cost_before=p.costs[0], cost_after=p.costs[1], error=e, reasons='; '.join(p.steps)) for p,e in zip(plans, errors)]
-    return OptimizeReport(new, mode, rows, error, grad_error, (tol, grad_tol), times, use_layout, precision, dict(original=d0[0], rewritten=d1[0]),
+    return OptimizeReport(new, mode, rows, error, grad_error, _tolerances(tol, grad_tol, rw['sensitivity']), times, use_layout, precision, dict(original=d0[0], rewritten=d1[0]),
                           None if d0[1] is None else dict(original=d0[1], rewritten=d1[1]), (drift, unit), rw['frozen'])
 
 # %% ../nbs/04a_optimize.ipynb #c7f2d0dc

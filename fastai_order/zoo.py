@@ -19,15 +19,15 @@ from fastcore.script import call_parse
 from fastprogress.fastprogress import progress_bar
 from fastprogress import fastprogress as fpm
 from .bench import BenchSetting, compare_eval, compare_train_steps
-from .optimize import optimize_order, model_kept
+from .optimize import optimize_order, model_kept, rounding_sensitivity, ROUNDING_MARGIN
 from .swap import swap_order
 from .ops import module_role, function_act
 from .cli import cli_errors, check_choice, check_int, check_number
 
 # %% auto #0
 __all__ = ['TIMM_MODELS', 'SUBSET', 'SOURCES', 'COLUMNS', 'zoo_models', 'zoo_model', 'calibrate_bn', 'output_errors',
-           'float64_rewrite', 'chain_convs', 'swap_coverage', 'zoo_row', 'run_isolated', 'zoo_sweep', 'zoo_summary',
-           'zoo_cli']
+           'float64_rewrite', 'is_wrong', 'chain_convs', 'swap_coverage', 'zoo_row', 'run_isolated', 'zoo_sweep',
+           'zoo_summary', 'zoo_cli']
 
 # %% ../nbs/08a_zoo.ipynb #93784c5c
 TIMM_MODELS = {
@@ -210,13 +210,18 @@ def output_errors(model, new, x, mode:str='eval') -> dict:
     return dict(fp32_error=_rel(_outputs(new, x, mode), ref), fp32_error_original=_rel(_outputs(model, x, mode), ref),
                 f64_error=_rel(_outputs(_f64(new), x, mode), ref))
 
-def float64_rewrite(model, x, x2, mode:str='eval', tol:float=1e-9) -> dict:
-    "The sweep's own proof of `optimize_order(model, mode, example=x)`: redone on a float64 copy (whose folds are not rounded), its groups and output error against that copy on `x2`"
+def float64_rewrite(model, x, x2, mode:str='eval') -> dict:
+    "The sweep's own proof of `optimize_order(model, mode, example=x)`: redone on a float64 copy (whose folds are not rounded), its groups and output error against that copy on `x2`, and how much one rounding of every weight of that copy moves its output there"
     m64 = _f64(model)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        r64 = optimize_order(m64, mode, example=x.to(torch.float64), reps=0, channels_last=False, tol=tol, grad_tol=tol)
-    return dict(groups64=len(r64.rows), sweep_error=_rel(_outputs(r64.model, x2, mode), _outputs(m64, x2, mode)))
+        r64 = optimize_order(m64, mode, example=x.to(torch.float64), reps=0, channels_last=False)
+    return dict(groups64=len(r64.rows), sweep_error=_rel(_outputs(r64.model, x2, mode), _outputs(m64, x2, mode)),
+                float64_noise=rounding_sensitivity(m64, x2.to(torch.float64), mode)[0])
+
+def is_wrong(row, tol:float=1e-9) -> bool:
+    "Whether the sweep's float64 error of a row is more than `tol` and than `ROUNDING_MARGIN`× what one rounding of every weight changes"
+    return not row['sweep_error'] <= max(tol, ROUNDING_MARGIN * (row.get('float64_noise') or 0))
 
 # %% ../nbs/08a_zoo.ipynb #a3a58a5c
 def _timings(variants:dict, x, mode, reps) -> dict:
@@ -282,7 +287,7 @@ def zoo_row(
     channels_last:bool|None=None, # `optimize_order`'s: None lets it time both layouts (needs `reps`)
     bs:int=2, # batch size
     size:int|None=None, # input size in pixels for models that take any (None: each model's default)
-    tol:float=1e-9, # the largest float64 output error (relative to the largest output) of a right rewrite
+    tol:float=1e-9, # the float64 output error (relative to the largest output) a right rewrite may have, or `ROUNDING_MARGIN`× the model's own rounding sensitivity if larger
     seed:int=0, # seed of the weights and the batches
     log=None, # called with each part of the row as soon as it is known
 ) -> dict:
@@ -336,10 +341,10 @@ def zoo_row(
         note(**swap_coverage(model, x))
         if row.get('outcome') == 'optimized':
             phase('exact')
-            note(**float64_rewrite(model, x, x2, mode, tol))
-            if not row['sweep_error'] <= tol: note(outcome='wrong', message=f"float64 output error {row['sweep_error']:.2e} > tol {tol:g}")
-        elif row.get('outcome') == 'unchanged' and not row['sweep_error'] <= tol:
-            note(outcome='wrong', message=f"float64 output error {row['sweep_error']:.2e} > tol {tol:g} though nothing was rewritten")
+            note(**float64_rewrite(model, x, x2, mode))
+        if row.get('outcome') in ('optimized', 'unchanged') and is_wrong(row, tol):
+            note(outcome='wrong', message=f"float64 output error {row['sweep_error']:.2e} > tol {tol:g} and > {ROUNDING_MARGIN}× the "
+                                          f"model's own rounding sensitivity {row.get('float64_noise') or 0:.1e}")
         phase('done')
     except Exception as e:   # the sweep's own steps: building, checking, timing
         oom = _is_oom(e)
@@ -350,7 +355,7 @@ def zoo_row(
 
 # %% ../nbs/08a_zoo.ipynb #624675fd
 COLUMNS = ['source', 'model', 'mode', 'channels_last', 'bs', 'size', 'params_m', 'outcome', 'reason', 'message', 'error_type',
-           'groups', 'groups64', 'optimizer_error', 'sweep_error', 'fp32_error', 'fp32_error_original', 'layout_applied',
+           'groups', 'groups64', 'optimizer_error', 'sweep_error', 'float64_noise', 'fp32_error', 'fp32_error_original', 'layout_applied',
            'bn_original', 'bn_optimized', 'bn_fuse', 'fuse_error', 'ms_original', 'ms_optimized', 'ms_fuse', 'ms_control',
            'speedup', 'speedup_fuse', 'speedup_vs_fuse', 'speedup_control', 'time_error', 'swap_status', 'swap_error', 'swap_rewritten',
            'swap_unchanged', 'swap_skipped', 'swap_complete', 'swap_chains', 'swap_missed', 'swap_missed_at', 'swap_keys_same', 'swap_runs', 'phase', 'seconds', 'peak_rss_gb',
