@@ -18,7 +18,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from fastcore.basics import patch, store_attr
 from fastai.learner import Learner
 from fastai.callback.fp16 import MixedPrecision, AMPMode
-from .swap import BLOCK_TYPES, TracedForward, _trace
+from .swap import BLOCK_TYPES, TracedForward, own_graph, set_forwards
 from .ops import op_name, module_role, norm_act_norm, norm_act_parts
 from .commute import conditions_of, _search, _steps, _cheapest, _cost, _check_mode
 from .cli import check_module, check_number, check_int
@@ -131,7 +131,7 @@ def _frozen(owner):
 def _graphs(owner):
     "{method: {training: graph}}: `owner`'s forward (and forward_features) traced with its children as leaves"
     if len(inspect.signature(type(owner).forward).parameters) != 2: raise TypeError('its forward takes more than one input')
-    return {m: {t: _trace(owner, m, t) for t in (True, False)} for m in _METHODS if hasattr(type(owner), m)}
+    return {m: {t: own_graph(owner, m, t) for t in (True, False)} for m in _METHODS if hasattr(type(owner), m)}
 
 def _freezable(model, path, cache):
     "Whether the forward of module `path` is fixed or can be (`cache`: the answers so far)"
@@ -144,8 +144,8 @@ def _freezable(model, path, cache):
 def _freeze(owner):
     "Fix `owner`'s forward (and forward_features) to its torch.fx trace, one graph per training mode"
     if _frozen(owner): return
-    for m, graphs in _graphs(owner).items():
-        if not isinstance(vars(owner).get(m), TracedForward): setattr(owner, m, TracedForward(owner, graphs))
+    have = {m: tf for m in _METHODS if isinstance(tf := vars(owner).get(m), TracedForward)}
+    set_forwards(owner, {m: have.get(m) or TracedForward(owner, graphs) for m, graphs in _graphs(owner).items()})
 
 class _Plan:
     "The rewrite of one group: its slots, the modules whose forwards call them, old and new op names, and why"

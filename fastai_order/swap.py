@@ -6,7 +6,7 @@ Docs: https://fastai-order.github.io/fastai_order/swap.html.md"""
 
 # %% ../nbs/02_swap.ipynb #39a779ae
 from __future__ import annotations
-import copy, inspect
+import copy, inspect, functools
 from collections import OrderedDict, Counter
 import pandas as pd
 from torch import nn
@@ -21,7 +21,7 @@ from .layers import OrderedConvLayer, block_roles
 from .cli import check_module
 
 # %% auto #0
-__all__ = ['BLOCK_TYPES', 'SwapReport', 'TracedForward', 'swap_order']
+__all__ = ['BLOCK_TYPES', 'SwapReport', 'own_graph', 'TracedForward', 'base_class', 'set_forwards', 'swap_order']
 
 # %% ../nbs/02_swap.ipynb #4714d482
 BLOCK_TYPES = (ConvLayer, ConvNormActivation)
@@ -194,8 +194,12 @@ class _OwnTracer(fx.Tracer):
     def __init__(self, method='forward'): super().__init__(); self.traced_func_name = method
     def is_leaf_module(self, m, qualname): return True
 
-def _trace(owner, method, training):
-    "The graph of `owner.method` traced with `owner.training = training`; the module's own attributes are left as they were"
+def own_graph(
+    owner:nn.Module, # the module
+    method:str='forward', # the method: 'forward' or 'forward_features'
+    training:bool=True, # the training flag the trace sees
+) -> fx.Graph:
+    "The torch.fx graph of `owner.method`, every submodule call a leaf (its `TracedForward`'s, if it has one); the module's own attributes are left as they were"
     if isinstance(tf := vars(owner).get(method), TracedForward): return tf.graph(training)
     state = {k: copy.copy(v) for k,v in vars(owner).items() if not k.startswith('_')}
     try:
@@ -224,6 +228,42 @@ class TracedForward:
     def __getstate__(self): return dict(owner=self.owner, graphs=self.graphs)
     def __setstate__(self, state): self.__dict__.update(state, _code={})
     def __repr__(self): return f"TracedForward of {type(self.owner).__name__}:{self._graph(self.owner.training).python_code('self').src}"
+
+_TRACED_CLASSES = {}
+
+def _traced_class(cls):
+    "A subclass of `cls`, of the same name, whose `forward` and `forward_features` call the instance's `TracedForward`s where it has them"
+    if cls not in _TRACED_CLASSES:
+        def delegate(name):
+            own = getattr(cls, name)
+            @functools.wraps(own)   # the signature torch.fx reads
+            def method(self, *args, **kwargs):
+                tf = self.__dict__.get(name)
+                return tf(*args, **kwargs) if tf is not None else own(self, *args, **kwargs)
+            return method
+        body = {m: delegate(m) for m in _METHODS if hasattr(cls, m)}
+        body.update(__module__=cls.__module__, __qualname__=cls.__qualname__, __reduce_ex__=lambda self, proto: (_rebuild, (cls,), self.__getstate__()))
+        _TRACED_CLASSES[cls] = type(cls.__name__, (cls,), body)
+    return _TRACED_CLASSES[cls]
+
+def _rebuild(cls):
+    "An empty instance of `_traced_class(cls)`, which pickle and deepcopy then give its state"
+    return _traced_class(cls).__new__(_traced_class(cls))
+
+def base_class(m) -> type:
+    "The class of module `m`, or the one it had before `set_forwards` gave it traced forwards"
+    return type(m).__bases__[0] if type(m) in _TRACED_CLASSES.values() else type(m)
+
+def set_forwards(
+    owner:nn.Module, # the module, changed in place
+    forwards:dict, # {'forward' or 'forward_features': TracedForward}; empty: the class's own again
+):
+    "Make `forwards` the methods of `owner`, on the instance and through its class, which torch.fx reads when `owner` is the root it traces"
+    for m in _METHODS: vars(owner).pop(m, None)
+    owner.__class__ = base_class(owner)
+    if not forwards: return
+    vars(owner).update(forwards)
+    owner.__class__ = _traced_class(owner.__class__)
 
 # %% ../nbs/02_swap.ipynb #cc2ad4b8
 def _graph_op(n, owner, head):
@@ -286,12 +326,12 @@ def _reorder_children(seq, group):
 # %% ../nbs/02_swap.ipynb #8d117995
 _ENDS, _STARTS = ('conv', 'bn', 'norm_act', 'norm_part'), ('bn', 'norm_act', 'norm_part', 'act')   # a chain crosses a border from an op of the first kind to one of the second
 
-def _own_graph(m, training, cache):
+def _inlinable_graph(m, training, cache):
     "The torch.fx graph of child `m`'s forward (its children leaves) if it can be inlined, else None"
     if id(m) not in cache:
         ok = not isinstance(m, BLOCK_TYPES + (nn.ModuleList, nn.ModuleDict)) and \
              not any(getattr(m, a) for a in ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks'))
-        try: cache[id(m)] = _trace(m, 'forward', training) if ok and len(inspect.signature(type(m).forward).parameters) == 2 else None
+        try: cache[id(m)] = own_graph(m, 'forward', training) if ok and len(inspect.signature(type(m).forward).parameters) == 2 else None
         except Exception: cache[id(m)] = None
     return cache[id(m)]
 
@@ -301,7 +341,7 @@ def _edge(n, owner, head, training, cache, last, depth=3):
     if op is not None: return op[0]
     if n.op != 'call_module' or depth == 0: return None
     m = owner.get_submodule(n.target)
-    g = _own_graph(m, training, cache)
+    g = _inlinable_graph(m, training, cache)
     if g is None: return None
     if last:
         out = next(iter(x for x in g.nodes if x.op == 'output')).args[0]
@@ -314,7 +354,7 @@ def _borders(graph, owner, head, training, cache):
     "Paths of the children whose calls in `graph` a chain crosses into or out of, and which can be inlined"
     calls, homes = Counter(n.target for n in graph.nodes if n.op == 'call_module'), Counter(id(m) for _,m in owner.named_modules(remove_duplicate=False))
     child = lambda n: n.op == 'call_module' and _op_role(owner.get_submodule(n.target), head) is None and calls[n.target] == 1 and \
-                      homes[id(owner.get_submodule(n.target))] == 1 and _own_graph(owner.get_submodule(n.target), training, cache) is not None
+                      homes[id(owner.get_submodule(n.target))] == 1 and _inlinable_graph(owner.get_submodule(n.target), training, cache) is not None
     res = []
     for p in graph.nodes:
         if len(p.users) != 1: continue
@@ -327,7 +367,7 @@ def _borders(graph, owner, head, training, cache):
 def _inline(graph, owner, path, training, cache):
     "Replace the call of child `path` in `graph` by the calls its forward makes, their targets prefixed with `path`"
     node = next(n for n in graph.nodes if n.op == 'call_module' and n.target == path)
-    sub = _own_graph(owner.get_submodule(path), training, cache)
+    sub = _inlinable_graph(owner.get_submodule(path), training, cache)
     env = dict(zip([n for n in sub.nodes if n.op == 'placeholder'], node.args))
     with graph.inserting_before(node):
         for n in sub.nodes:
@@ -376,18 +416,17 @@ def _same(g1, g2):
 def _install(owner, graphs, head):
     "Make `graphs` (by method, then training mode) `owner`'s methods, or leave the class's own where they compute the same"
     for g in (g for by_mode in graphs.values() for g in by_mode.values()): g.lint()
-    for m in _METHODS: vars(owner).pop(m, None)   # forward may call forward_features: compare with the class's own
-    fresh = {m: {t: _trace(owner, m, t) for t in by_mode} for m,by_mode in graphs.items()}
+    set_forwards(owner, {})   # forward may call forward_features: compare with the class's own
+    fresh = {m: {t: own_graph(owner, m, t) for t in by_mode} for m,by_mode in graphs.items()}
     for by_mode in fresh.values():   # with the same children inlined
         for t, g in by_mode.items(): _inline_borders(g, owner, head, t)
-    for m, by_mode in graphs.items():
-        if all(_same(by_mode[t], fresh[m][t]) for t in by_mode): continue
-        setattr(owner, m, TracedForward(owner, {None: by_mode[True]} if _same(*by_mode.values()) else by_mode))
+    set_forwards(owner, {m: TracedForward(owner, {None: by_mode[True]} if _same(*by_mode.values()) else by_mode)
+                         for m, by_mode in graphs.items() if not all(_same(by_mode[t], fresh[m][t]) for t in by_mode)})
 
 def _plan_owner(path, owner, route, order, head, taken):
     "(rows, apply) for the chains in `owner`'s forward: rows for the report, and a function making the swaps; adds the paths of the children it inlined to `taken`"
     prefix = f'{path}.' if path else ''
-    if route == 'sequential' and not _inline_borders(_trace(owner, 'forward', True), owner, head, True):
+    if route == 'sequential' and not _inline_borders(own_graph(owner, 'forward', True), owner, head, True):
         groups = [_Group(g, order, head, prefix) for run in _runs_of_children(owner, head) for g in _groups(run)]
         if not any(g.apart and g.new != g.old for g in groups):
             for g in groups: g.check(owner)
@@ -397,7 +436,7 @@ def _plan_owner(path, owner, route, order, head, taken):
     try:
         if len(inspect.signature(getattr(type(owner), 'forward')).parameters) != 2:
             raise TypeError('it takes more than one input, and a trace would fix the others to their defaults')
-        graphs = {m: {t: _trace(owner, m, t) for t in (True, False)} for m in methods}
+        graphs = {m: {t: own_graph(owner, m, t) for t in (True, False)} for m in methods}
     except Exception as e:
         convs = [k for k,c in owner.named_children() if _op_role(c, head) in _ANCHORS]
         why = f"{type(owner).__name__}.forward cannot be traced by torch.fx: {str(e).splitlines()[0] if str(e) else type(e).__name__}"

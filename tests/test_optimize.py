@@ -521,3 +521,14 @@ def test_rounding_sensitivity_leaves_the_weights_bit_for_bit():
     out, grad = opt.rounding_sensitivity(model, x, 'train')
     assert 0 < out < 1e-14 and 0 < grad < 1e-13
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_swapped_torchvision_model_optimizes():
+    "swap_order fixes torchvision ResNet's own forward to a graph; torch.fx traced the class's forward instead, and the rewrite was refused"
+    from fastai_order.swap import swap_order
+    model = _calibrated(torchvision.models.resnet18())
+    swap_order(model, 'bn_after')
+    x = torch.randn(2, 3, 32, 32)
+    r = optimize_order(model, 'eval', example=x, reps=0)
+    assert r.rows and r.error < 1e-12
+    with torch.no_grad(): torch.testing.assert_close(r.model(x), model(x), rtol=1e-4, atol=1e-5)

@@ -222,6 +222,9 @@ def test_torchvision_resnet34_every_block_and_the_stem():
     calls = [n.target for n in blk.forward.graph(False).nodes if n.op == 'call_module']
     assert calls[:3] == ['conv1', 'relu', 'bn1']     # ReLU before BN now
     assert not torch.allclose(m(x), y)
+    from torch.fx.experimental.optimization import fuse
+    torch.testing.assert_close(torch.fx.symbolic_trace(m)(x), m(x)); torch.testing.assert_close(fuse(m)(x), m(x), rtol=1e-4, atol=1e-4)   # torch.fx traces what the root runs
+    assert type(m).__name__ == 'ResNet' and isinstance(m, torchvision.models.ResNet)
     swap_order(m, 'resnet')
     assert torch.equal(m(x), y) and traced(m) == []   # back to the class's own forward
 
