@@ -18,7 +18,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from fastcore.basics import patch, store_attr
 from fastai.learner import Learner
 from fastai.callback.fp16 import MixedPrecision, AMPMode
-from .swap import BLOCK_TYPES, TracedForward, own_graph, set_forwards
+from .swap import BLOCK_TYPES, TracedForward, own_graph, set_forwards, attributes_kept
 from .ops import op_name, module_role, norm_act_norm, norm_act_parts
 from .commute import conditions_of, _search, _steps, _cheapest, _cost, _check_mode
 from .cli import check_module, check_number, check_int
@@ -33,31 +33,9 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m, qualname):
         return op_name(m) is not None or (self.norm_acts and module_role(m) == 'norm_act') or super().is_leaf_module(m, qualname)
 
-def _containers(v, seen):
-    "[(container, its items)] for `v` if it is a dict, list or set, and for those nested in it"
-    if not isinstance(v, (dict, list, set)) or id(v) in seen: return []
-    seen.add(id(v))
-    vals = list(v.values()) if isinstance(v, dict) else list(v)
-    return [(v, list(v.items()) if isinstance(v, dict) else vals)] + [c for x in vals for c in _containers(x, seen)]
-
-@contextlib.contextmanager
-def _kept(model):
-    "Put the attributes of `model`'s modules back as they were afterwards: train/eval flags, and caches a forward or a trace fills"
-    attrs = [(m, {k: v for k,v in vars(m).items() if not k.startswith('_')}) for m in model.modules()]
-    seen = set()
-    held = [c for _,a in attrs for v in a.values() for c in _containers(v, seen)]
-    try: yield model
-    finally:
-        for m,a in attrs:
-            for k in [k for k in vars(m) if not k.startswith('_') and k not in a]: delattr(m, k)
-            vars(m).update(a)
-        for c,items in held:
-            if isinstance(c, list): c[:] = items
-            else: c.clear(); c.update(items)
-
 def _trace_model(model, mode=None, norm_acts=False):
     "The torch.fx graph of `model` in `mode` (None: as it is); the model's flags and caches are left as they were"
-    with _kept(model):
+    with attributes_kept(model):
         if mode is not None: model.train(mode == 'train')
         try: return _Tracer(norm_acts).trace(model)
         except Exception as e:
@@ -128,29 +106,32 @@ def _frozen(owner):
     if isinstance(owner, fx.GraphModule) or isinstance(vars(owner).get('forward'), TracedForward): return True
     return type(owner).forward is nn.Sequential.forward and 'forward' not in vars(owner)
 
-def _graphs(owner):
-    "{method: {training: graph}}: `owner`'s forward (and forward_features) traced with its children as leaves"
+def _graphs(owner, inline=False):
+    "{method: {training: graph}}: `owner`'s forward (and forward_features) traced with its children as leaves, or with everything below it inlined down to the ops (`inline`)"
     if len(inspect.signature(type(owner).forward).parameters) != 2: raise TypeError('its forward takes more than one input')
-    return {m: {t: own_graph(owner, m, t) for t in (True, False)} for m in _METHODS if hasattr(type(owner), m)}
+    return {m: {t: own_graph(owner, m, t, inline) for t in (True, False)} for m in _METHODS if hasattr(type(owner), m)}
 
-def _freezable(model, path, cache):
-    "Whether the forward of module `path` is fixed or can be (`cache`: the answers so far)"
+def _freeze_point(model, path, cache):
+    "(path, inline) of the module whose forward, fixed to a trace, fixes the calls the forward of module `path` makes: `path` itself, or where its forward cannot be traced alone, the nearest module above it whose forward can be with everything below it inlined; None if none can (`cache`: the answers so far)"
     if path not in cache:
-        owner = model.get_submodule(path)
-        try: cache[path] = _frozen(owner) or bool(_graphs(owner))
-        except Exception: cache[path] = False
+        def fixable(p, inline):
+            try: return (_frozen(model.get_submodule(p)) and not inline) or bool(_graphs(model.get_submodule(p), inline))
+            except Exception: return False
+        parts = path.split('.') if path else []
+        above = [('.'.join(parts[:i]), True) for i in range(len(parts) - 1, -1, -1)]
+        cache[path] = next((p for p in [(path, False)] + above if fixable(*p)), None)
     return cache[path]
 
-def _freeze(owner):
-    "Fix `owner`'s forward (and forward_features) to its torch.fx trace, one graph per training mode"
-    if _frozen(owner): return
-    have = {m: tf for m in _METHODS if isinstance(tf := vars(owner).get(m), TracedForward)}
-    set_forwards(owner, {m: have.get(m) or TracedForward(owner, graphs) for m, graphs in _graphs(owner).items()})
+def _freeze(owner, inline=False):
+    "Fix `owner`'s forward (and forward_features) to its torch.fx trace, one graph per training mode: of its children's calls, or with `inline` of its ops' calls"
+    if _frozen(owner) and not inline: return
+    have = {} if inline else {m: tf for m in _METHODS if isinstance(tf := vars(owner).get(m), TracedForward)}
+    set_forwards(owner, {m: have.get(m) or TracedForward(owner, graphs) for m, graphs in _graphs(owner, inline).items()})
 
 class _Plan:
     "The rewrite of one group: its slots, the modules whose forwards call them, old and new op names, and why"
     def __init__(self, group, mode, pool_factor):
-        self.slots, self.owners = [s.path for s in group], sorted({s.caller for s in group})
+        self.slots, self.callers = [s.path for s in group], sorted({s.caller for s in group})
         mods = {s.name: s.module for s in group if s.name != 'identity'}
         self.before = tuple(s.name for s in group if s.name != 'identity')
         drops = [n for n in self.before if n in ('drop', 'drop2d')] if mode == 'eval' else []
@@ -180,7 +161,8 @@ def plan_rewrites(model, mode='train') -> list:
         taken = {s for p in plans for s in p.slots}
         plans += [p for c in chains for g in _pairs(c) if not taken & {s.path for s in g} and (p := _Plan(g, mode, 1.)).changed]
     cache = {}
-    return [p for p in plans if all(_freezable(model, o, cache) for o in p.owners)]
+    for p in plans: p.freeze = sorted({_freeze_point(model, c, cache) for c in p.callers}, key=str)
+    return [p for p in plans if None not in p.freeze]
 
 # %% ../nbs/04a_optimize.ipynb #7a93f2f8
 def _set(model, path, m):
@@ -247,7 +229,7 @@ def _split(model, path):
 
 def _apply(model, plan):
     "Rewrite, in `model`, the group `plan` was made for, fixing the forwards that call it; returns the group's new modules, in the order they are called"
-    for o in plan.owners: _freeze(model.get_submodule(o))
+    for path, inline in plan.freeze: _freeze(model.get_submodule(path), inline)
     slot_of = {op_name(model.get_submodule(p)): p for p in plan.slots}
     slot_of.pop('identity', None)
     mods = {n: model.get_submodule(p) for n,p in slot_of.items()}
@@ -298,7 +280,7 @@ def model_kept(
 ):
     "`model` in `mode` for the block, dropout off unless `dropout`; its train/eval flags, caches and buffers (BN statistics) are put back afterwards"
     bufs = [(b, b.detach().clone()) for b in model.buffers()]
-    with _kept(model):
+    with attributes_kept(model):
         try:
             model.train(mode == 'train')
             if not dropout:
@@ -367,7 +349,7 @@ def _splits(model):
         m, conv = model.get_submodule(n.target), model.get_submodule(n.args[0].target)
         norm = norm_act_norm(m) if module_role(m) == 'norm_act' else None
         if norm is None or not issubclass(norm, nn.modules.batchnorm._BatchNorm) or op_name(conv) != 'conv': continue
-        if getattr(m, 'running_mean', None) is not None and _foldable(conv, norm_act_parts(m)[0]) and _freezable(model, _caller(n.args[0]), cache):
+        if getattr(m, 'running_mean', None) is not None and _foldable(conv, norm_act_parts(m)[0]) and _freeze_point(model, _caller(n.args[0]), cache):
             res.append(n.target)
     return res
 
@@ -439,7 +421,7 @@ def _rewrite(model, mode, x, max_rounds=8, no_dropout=False):
         if not todo: break
         for p in todo:
             _warn_plan(model, p)
-            frozen += [o for o in p.owners if not _frozen(model.get_submodule(o))]
+            frozen += [o for o,_ in p.freeze if not _frozen(model.get_submodule(o)) and o not in frozen]
             old = [model.get_submodule(s) for s in p.slots]
             errors.append(_group_error(old, _apply(model, p), run[2][p.slots[0]], mode)); steps.append(('plan', p))
         plans += todo

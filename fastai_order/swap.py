@@ -6,7 +6,7 @@ Docs: https://fastai-order.github.io/fastai_order/swap.html.md"""
 
 # %% ../nbs/02_swap.ipynb #39a779ae
 from __future__ import annotations
-import copy, inspect, functools
+import inspect, functools, contextlib
 from collections import OrderedDict, Counter
 import pandas as pd
 from torch import nn
@@ -21,7 +21,8 @@ from .layers import OrderedConvLayer, block_roles
 from .cli import check_module
 
 # %% auto #0
-__all__ = ['BLOCK_TYPES', 'SwapReport', 'own_graph', 'TracedForward', 'base_class', 'set_forwards', 'swap_order']
+__all__ = ['BLOCK_TYPES', 'SwapReport', 'attributes_kept', 'own_graph', 'TracedForward', 'base_class', 'set_forwards',
+           'swap_order']
 
 # %% ../nbs/02_swap.ipynb #4714d482
 BLOCK_TYPES = (ConvLayer, ConvNormActivation)
@@ -189,25 +190,47 @@ class _Group:
                     status='rewritten' if changed else 'unchanged', reason=reason)
 
 # %% ../nbs/02_swap.ipynb #12cb0839
+def _containers(v, seen):
+    "[(container, its items)] for `v` if it is a dict, list or set, and for those nested in it"
+    if not isinstance(v, (dict, list, set)) or id(v) in seen: return []
+    seen.add(id(v))
+    vals = list(v.values()) if isinstance(v, dict) else list(v)
+    return [(v, list(v.items()) if isinstance(v, dict) else vals)] + [c for x in vals for c in _containers(x, seen)]
+
+@contextlib.contextmanager
+def attributes_kept(
+    model:nn.Module, # the module
+    recurse:bool=True, # the modules inside it too
+):
+    "Put the attributes of `model` (and of the modules in it) back as they were afterwards: train/eval flags, and the caches a forward or a trace fills"
+    attrs = [(m, {k: v for k,v in vars(m).items() if not k.startswith('_')}) for m in (model.modules() if recurse else [model])]
+    seen = set()
+    held = [c for _,a in attrs for v in a.values() for c in _containers(v, seen)]
+    try: yield model
+    finally:
+        for m,a in attrs:
+            for k in [k for k in vars(m) if not k.startswith('_') and k not in a]: delattr(m, k)
+            vars(m).update(a)
+        for c,items in held:
+            if isinstance(c, list): c[:] = items
+            else: c.clear(); c.update(items)
+
 class _OwnTracer(fx.Tracer):
-    "Traces `method` of a module alone: every submodule call is a leaf"
-    def __init__(self, method='forward'): super().__init__(); self.traced_func_name = method
-    def is_leaf_module(self, m, qualname): return True
+    "Traces `method` of a module: every submodule call is a leaf, or with `inline` only those of modules the op registry knows"
+    def __init__(self, method='forward', inline=False): super().__init__(); self.traced_func_name, self.inline = method, inline
+    def is_leaf_module(self, m, qualname): return not self.inline or module_role(m) is not None or super().is_leaf_module(m, qualname)
 
 def own_graph(
     owner:nn.Module, # the module
     method:str='forward', # the method: 'forward' or 'forward_features'
     training:bool=True, # the training flag the trace sees
+    inline:bool=False, # trace the forwards of the modules below it too, down to the ops the op registry knows
 ) -> fx.Graph:
-    "The torch.fx graph of `owner.method`, every submodule call a leaf (its `TracedForward`'s, if it has one); the module's own attributes are left as they were"
-    if isinstance(tf := vars(owner).get(method), TracedForward): return tf.graph(training)
-    state = {k: copy.copy(v) for k,v in vars(owner).items() if not k.startswith('_')}
-    try:
-        owner.training = training
-        return _OwnTracer(method).trace(owner)
-    finally:
-        for k in [k for k in vars(owner) if not k.startswith('_') and k not in state]: delattr(owner, k)
-        vars(owner).update(state)
+    "The torch.fx graph of `owner.method`, every submodule call a leaf (its `TracedForward`'s, if it has one), or with `inline` every op's; the modules are left as they were"
+    if not inline and isinstance(tf := vars(owner).get(method), TracedForward): return tf.graph(training)
+    with attributes_kept(owner, recurse=inline):
+        owner.train(training) if inline else setattr(owner, 'training', training)
+        return _OwnTracer(method, inline).trace(owner)
 
 class TracedForward:
     "A module's `forward` (or `forward_features`) replaced by a rewritten torch.fx graph, one per training mode where they differ"

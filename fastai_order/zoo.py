@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 import pandas as pd
 import psutil
-import torch, torch.nn as nn, torch.fx as fx, torchvision
+import torch, torch.nn as nn, torch.nn.functional as F, torch.fx as fx, torchvision
 import torch.utils._pytree as pytree
 from torch.fx.experimental.optimization import fuse
 from filelock import FileLock
@@ -21,13 +21,13 @@ from fastprogress import fastprogress as fpm
 from .bench import BenchSetting, compare_eval, compare_train_steps
 from .optimize import optimize_order, model_kept, rounding_sensitivity, ROUNDING_MARGIN
 from .swap import swap_order
-from .ops import module_role, function_act
+from .ops import module_role, function_act, norm_act_norm, norm_act_forward_norm
 from .cli import cli_errors, check_choice, check_int, check_number
 
 # %% auto #0
 __all__ = ['TIMM_MODELS', 'SUBSET', 'SOURCES', 'COLUMNS', 'zoo_models', 'zoo_model', 'calibrate_bn', 'output_errors',
-           'float64_rewrite', 'is_wrong', 'chain_convs', 'swap_coverage', 'zoo_row', 'run_isolated', 'zoo_sweep',
-           'zoo_summary', 'zoo_cli']
+           'float64_rewrite', 'is_wrong', 'bn_calls', 'chain_convs', 'swap_coverage', 'zoo_row', 'run_isolated',
+           'zoo_sweep', 'zoo_summary', 'zoo_cli']
 
 # %% ../nbs/08a_zoo.ipynb #93784c5c
 TIMM_MODELS = {
@@ -192,7 +192,7 @@ def _classify(e) -> dict:
         if re.search(r'trac\w* .*fail', msg.split('\n')[0]): return dict(outcome='untraceable', message=_line(e))
     return dict(outcome='crashed', message=_line(e), error_type=type(e).__name__)
 
-def _bn_count(m) -> int: return sum(isinstance(c, nn.modules.batchnorm._BatchNorm) for c in m.modules())
+
 
 def _outputs(model, x, mode, seed=0) -> torch.Tensor:
     "Every tensor `model` returns on `x` in `mode` (dropout off, seeded) as one float64 vector; the model is left as it was"
@@ -238,10 +238,28 @@ class _OpTracer(fx.Tracer):
     "Traces a whole model down to the modules the op registry knows"
     def is_leaf_module(self, m, qualname): return module_role(m) is not None or super().is_leaf_module(m, qualname)
 
+def _op_graph(model):
+    "The torch.fx graph of `model` in eval, down to the modules the op registry knows, or None if it cannot be traced; the model is left as it was (a trace fills caches with proxies)"
+    with model_kept(model, 'eval'):
+        try: return _OpTracer().trace(model)
+        except Exception: return None
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+def bn_calls(model) -> int|None:
+    "BatchNorm calls in `model`'s torch.fx trace: BatchNorm modules, norm+act modules with a BatchNorm, `F.batch_norm`; None if it cannot be traced"
+    g = _op_graph(model)
+    if g is None: return None
+    mods = dict(model.named_modules())
+    def bn(n):
+        if n.op == 'call_module': return isinstance(m := mods[n.target], _BN) or (module_role(m) == 'norm_act' and issubclass(norm_act_norm(m), _BN))
+        return n.op == 'call_function' and n.target in (F.batch_norm, norm_act_forward_norm)
+    return sum(map(bn, g.nodes))
+
 def chain_convs(model) -> list|None:
     "Paths of the convs of `model` that start a conv → norm → act chain in its torch.fx trace (each op's output used by the next alone); None if it cannot be traced"
-    try: g = _OpTracer().trace(copy.deepcopy(model).eval())   # a copy: a trace may fill caches with proxies
-    except Exception: return None
+    g = _op_graph(model)
+    if g is None: return None
     mods = dict(model.named_modules())
     identity = lambda n: n.op == 'call_module' and type(mods[n.target]) is nn.Identity
     role = lambda n: (module_role(mods[n.target]) if n.op == 'call_module' else
@@ -274,9 +292,7 @@ def swap_coverage(model, x, order='bn_after') -> dict:
         return dict(res, swap_runs=True)
     except Exception as e: return dict(res, swap_runs=False, swap_error=_line(e))
 
-def _bn_nodes(gm) -> int:
-    "BatchNorm calls left in the graph of the `GraphModule` `gm`"
-    return sum(n.op == 'call_module' and isinstance(gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm) for n in gm.graph.nodes)
+
 
 # %% ../nbs/08a_zoo.ipynb #d58924c0
 def zoo_row(
@@ -309,7 +325,7 @@ def zoo_row(
         g = torch.Generator().manual_seed(seed)
         x, x2 = torch.randn(bs, *shape, generator=g), torch.randn(bs, *shape, generator=g)
         model.train(mode == 'train')
-        note(size=shape[-1], params_m=sum(p.numel() for p in model.parameters()) / 1e6, bn_original=_bn_count(model))
+        note(size=shape[-1], params_m=sum(p.numel() for p in model.parameters()) / 1e6, bn_original=bn_calls(model))
         phase('optimize')
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -319,7 +335,7 @@ def zoo_row(
         if report is not None:
             groups = len(report.rows)
             note(outcome='optimized' if groups else 'unchanged', groups=groups, optimizer_error=report.error,
-                 layout_applied=report.channels_last, bn_optimized=_bn_count(new))
+                 layout_applied=report.channels_last, bn_optimized=bn_calls(new))
             phase('check')
             errors = output_errors(model, new, x2, mode)
             f64 = errors.pop('f64_error')
@@ -327,7 +343,7 @@ def zoo_row(
         fused = None
         if mode == 'eval':
             phase('fuse')
-            try: fused = fuse(copy.deepcopy(model).eval()); note(bn_fuse=_bn_nodes(fused))
+            try: fused = fuse(copy.deepcopy(model).eval()); note(bn_fuse=bn_calls(fused))
             except Exception as e: note(fuse_error=_line(e))
         if reps and row.get('outcome') == 'optimized':
             phase('time')
