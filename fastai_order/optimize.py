@@ -6,7 +6,7 @@ Docs: https://fastai-order.github.io/fastai_order/optimize.html.md"""
 
 # %% ../nbs/04a_optimize.ipynb #4af1e04d
 from __future__ import annotations
-import copy, time, statistics, contextlib, inspect, warnings
+import copy, time, statistics, contextlib, warnings
 from collections import Counter, OrderedDict, namedtuple
 import torch, torch.nn as nn, torch.fx as fx
 import torch.utils._pytree as pytree
@@ -18,7 +18,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from fastcore.basics import patch, store_attr
 from fastai.learner import Learner
 from fastai.callback.fp16 import MixedPrecision, AMPMode
-from .swap import BLOCK_TYPES, TracedForward, own_graph, set_forwards, attributes_kept
+from .swap import BLOCK_TYPES, TracedForward, own_graphs, set_forwards, attributes_kept
 from .ops import op_name, module_role, norm_act_norm, norm_act_parts
 from .commute import conditions_of, _search, _steps, _cheapest, _cost, _check_mode
 from .cli import check_module, check_number, check_int
@@ -90,7 +90,6 @@ def _pairs(chain):
     return [chain[i:j+1] for i,j in zip(ops, ops[1:]) if chain[i].name == 'conv' and chain[j].name == 'bn']
 
 # %% ../nbs/04a_optimize.ipynb #53a4e3c2
-_METHODS = ('forward', 'forward_features')   # timm's models and fastai's TimmBody call forward_features
 _CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 _BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
 _REPARAMS = (WeightNorm, SpectralNorm, prune.BasePruningMethod)   # hooks that compute a weight from others
@@ -106,16 +105,11 @@ def _frozen(owner):
     if isinstance(owner, fx.GraphModule) or isinstance(vars(owner).get('forward'), TracedForward): return True
     return type(owner).forward is nn.Sequential.forward and 'forward' not in vars(owner)
 
-def _graphs(owner, inline=False):
-    "{method: {training: graph}}: `owner`'s forward (and forward_features) traced with its children as leaves, or with everything below it inlined down to the ops (`inline`)"
-    if len(inspect.signature(type(owner).forward).parameters) != 2: raise TypeError('its forward takes more than one input')
-    return {m: {t: own_graph(owner, m, t, inline) for t in (True, False)} for m in _METHODS if hasattr(type(owner), m)}
-
 def _freeze_point(model, path, cache):
     "(path, inline) of the module whose forward, fixed to a trace, fixes the calls the forward of module `path` makes: `path` itself, or where its forward cannot be traced alone, the nearest module above it whose forward can be with everything below it inlined; None if none can (`cache`: the answers so far)"
     if path not in cache:
         def fixable(p, inline):
-            try: return (_frozen(model.get_submodule(p)) and not inline) or bool(_graphs(model.get_submodule(p), inline))
+            try: return (_frozen(model.get_submodule(p)) and not inline) or bool(own_graphs(model.get_submodule(p), inline))
             except Exception: return False
         parts = path.split('.') if path else []
         above = [('.'.join(parts[:i]), True) for i in range(len(parts) - 1, -1, -1)]
@@ -125,8 +119,8 @@ def _freeze_point(model, path, cache):
 def _freeze(owner, inline=False):
     "Fix `owner`'s forward (and forward_features) to its torch.fx trace, one graph per training mode: of its children's calls, or with `inline` of its ops' calls"
     if _frozen(owner) and not inline: return
-    have = {} if inline else {m: tf for m in _METHODS if isinstance(tf := vars(owner).get(m), TracedForward)}
-    set_forwards(owner, {m: have.get(m) or TracedForward(owner, graphs) for m, graphs in _graphs(owner, inline).items()})
+    have = {} if inline else {m: tf for m,tf in vars(owner).items() if isinstance(tf, TracedForward)}
+    set_forwards(owner, {m: have.get(m) or TracedForward(owner, graphs) for m, graphs in own_graphs(owner, inline).items()})
 
 class _Plan:
     "The rewrite of one group: its slots, the modules whose forwards call them, old and new op names, and why"

@@ -21,8 +21,8 @@ from .layers import OrderedConvLayer, block_roles
 from .cli import check_module
 
 # %% auto #0
-__all__ = ['BLOCK_TYPES', 'SwapReport', 'attributes_kept', 'own_graph', 'TracedForward', 'base_class', 'set_forwards',
-           'swap_order']
+__all__ = ['BLOCK_TYPES', 'SwapReport', 'attributes_kept', 'own_graph', 'own_graphs', 'TracedForward', 'base_class',
+           'set_forwards', 'swap_order']
 
 # %% ../nbs/02_swap.ipynb #4714d482
 BLOCK_TYPES = (ConvLayer, ConvNormActivation)
@@ -218,7 +218,8 @@ def attributes_kept(
 class _OwnTracer(fx.Tracer):
     "Traces `method` of a module: every submodule call is a leaf, or with `inline` only those of modules the op registry knows"
     def __init__(self, method='forward', inline=False): super().__init__(); self.traced_func_name, self.inline = method, inline
-    def is_leaf_module(self, m, qualname): return not self.inline or module_role(m) is not None or super().is_leaf_module(m, qualname)
+    def is_leaf_module(self, m, qualname):
+        return not self.inline or module_role(m) is not None or isinstance(m, BLOCK_TYPES) or super().is_leaf_module(m, qualname)
 
 def own_graph(
     owner:nn.Module, # the module
@@ -226,11 +227,17 @@ def own_graph(
     training:bool=True, # the training flag the trace sees
     inline:bool=False, # trace the forwards of the modules below it too, down to the ops the op registry knows
 ) -> fx.Graph:
-    "The torch.fx graph of `owner.method`, every submodule call a leaf (its `TracedForward`'s, if it has one), or with `inline` every op's; the modules are left as they were"
-    if not inline and isinstance(tf := vars(owner).get(method), TracedForward): return tf.graph(training)
+    "The torch.fx graph of `owner.method`, every submodule call a leaf, or with `inline` every op's (its `TracedForward`'s graph, if it has one); the modules are left as they were"
+    if isinstance(tf := vars(owner).get(method), TracedForward): return tf.graph(training)
     with attributes_kept(owner, recurse=inline):
         owner.train(training) if inline else setattr(owner, 'training', training)
         return _OwnTracer(method, inline).trace(owner)
+
+def own_graphs(owner:nn.Module, inline:bool=False) -> dict:
+    "{method: {training: `own_graph`}} of `owner`'s `forward` (and timm's `forward_features`) in both training modes; raises if its forward takes more than one input or torch.fx cannot trace it"
+    if len(inspect.signature(type(owner).forward).parameters) != 2:
+        raise TypeError('it takes more than one input, and a trace would fix the others to their defaults')
+    return {m: {t: own_graph(owner, m, t, inline) for t in (True, False)} for m in _METHODS if hasattr(type(owner), m)}
 
 class TracedForward:
     "A module's `forward` (or `forward_features`) replaced by a rewritten torch.fx graph, one per training mode where they differ"
@@ -429,6 +436,22 @@ def _owners(model, head):
         plain = type(m).forward is nn.Sequential.forward and 'forward' not in vars(m)
         yield path, m, 'sequential' if plain else 'traced'
 
+def _whole(model, owners):
+    "Paths of the modules to trace whole, down to the ops: above each owner whose forward cannot be traced alone (it takes several inputs), the nearest whose forward can be, everything below it inlined"
+    res = set()
+    for path, m, route in owners:
+        roles = {_op_role(c, None) for c in _callable_children(m)}
+        if not (roles & set(_ANCHORS) and roles & {'bn', 'norm_act', 'act'}): continue   # no chain of its own to reach
+        try:
+            if route == 'traced': own_graphs(m)
+            continue
+        except Exception: pass
+        parts = path.split('.') if path else []
+        for a in ('.'.join(parts[:i]) for i in range(len(parts) - 1, -1, -1)):
+            try: own_graphs(model.get_submodule(a), inline=True); res.add(a); break
+            except Exception: pass
+    return {a for a in res if not any(b != a and (b == '' or a.startswith(b + '.')) for b in res)}
+
 def _same(g1, g2):
     "Whether graphs `g1` and `g2` make the same calls on the same inputs, whatever their nodes are named"
     def calls(g):
@@ -436,30 +459,26 @@ def _same(g1, g2):
         return [(n.op, str(n.target), fx.node.map_arg((n.args, n.kwargs), at.get)) for n in g.nodes]
     return calls(g1) == calls(g2)
 
-def _install(owner, graphs, head):
+def _install(owner, graphs, head, inline):
     "Make `graphs` (by method, then training mode) `owner`'s methods, or leave the class's own where they compute the same"
     for g in (g for by_mode in graphs.values() for g in by_mode.values()): g.lint()
     set_forwards(owner, {})   # forward may call forward_features: compare with the class's own
-    fresh = {m: {t: own_graph(owner, m, t) for t in by_mode} for m,by_mode in graphs.items()}
+    fresh = {m: {t: own_graph(owner, m, t, inline) for t in by_mode} for m,by_mode in graphs.items()}
     for by_mode in fresh.values():   # with the same children inlined
         for t, g in by_mode.items(): _inline_borders(g, owner, head, t)
     set_forwards(owner, {m: TracedForward(owner, {None: by_mode[True]} if _same(*by_mode.values()) else by_mode)
                          for m, by_mode in graphs.items() if not all(_same(by_mode[t], fresh[m][t]) for t in by_mode)})
 
-def _plan_owner(path, owner, route, order, head, taken):
-    "(rows, apply) for the chains in `owner`'s forward: rows for the report, and a function making the swaps; adds the paths of the children it inlined to `taken`"
+def _plan_owner(path, owner, route, order, head, taken, inline=False):
+    "(rows, apply) for the chains in `owner`'s forward (`inline`: traced down to the ops): rows for the report, and a function making the swaps; adds the paths of the children it inlined to `taken`"
     prefix = f'{path}.' if path else ''
-    if route == 'sequential' and not _inline_borders(own_graph(owner, 'forward', True), owner, head, True):
+    if route == 'sequential' and not inline and not _inline_borders(own_graph(owner, 'forward', True), owner, head, True):
         groups = [_Group(g, order, head, prefix) for run in _runs_of_children(owner, head) for g in _groups(run)]
         if not any(g.apart and g.new != g.old for g in groups):
             for g in groups: g.check(owner)
             todo = [g for g in groups if g.new != g.old]
             return [g.row(owner, route) for g in groups], lambda: [_reorder_children(owner, g) for g in todo]
-    methods = [m for m in _METHODS if hasattr(type(owner), m)]
-    try:
-        if len(inspect.signature(getattr(type(owner), 'forward')).parameters) != 2:
-            raise TypeError('it takes more than one input, and a trace would fix the others to their defaults')
-        graphs = {m: {t: own_graph(owner, m, t) for t in (True, False)} for m in methods}
+    try: graphs = own_graphs(owner, inline)
     except Exception as e:
         convs = [k for k,c in owner.named_children() if _op_role(c, head) in _ANCHORS]
         why = f"{type(owner).__name__}.forward cannot be traced by torch.fx: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
@@ -473,7 +492,7 @@ def _plan_owner(path, owner, route, order, head, taken):
                 grp.check(owner)
                 rows.setdefault(grp.path, grp.row(owner, 'traced'))
                 if grp.new != grp.old: _rewrite_graph(g, grp); changed = True
-    return list(rows.values()), (lambda: _install(owner, graphs, head)) if changed else (lambda: None)
+    return list(rows.values()), (lambda: _install(owner, graphs, head, inline)) if changed else (lambda: None)
 
 # %% ../nbs/02_swap.ipynb #5486e9e8
 def swap_order(
@@ -487,13 +506,18 @@ def swap_order(
     if absorb not in (True, False): raise TypeError(f"`absorb` must be True or False, got {absorb!r}")
     order, head = LayerOrder(order), None if head is None else LayerOrder(head)
     blocks = _plan_blocks(model, order, absorb)   # the plans raise, before anything changes, if an order would break the model
+    found = list(_owners(model, head))
+    whole = _whole(model, found)
+    place = {p: i for i,(p,_) in enumerate(model.named_modules())}
+    found = sorted(found + [(p, model.get_submodule(p), 'traced') for p in whole if p not in {f[0] for f in found}], key=lambda f: place[f[0]])
     taken, owners = set(), []
-    for p, m, route in _owners(model, head):   # parents first: a child inlined into its parent's forward is planned there
-        if p not in taken: owners.append(_plan_owner(p, m, route, order, head, taken))
+    for p, m, route in found:   # parents first: a child inlined into its parent's forward is planned there
+        if p in taken: continue
+        if p in whole: taken.update(q for q,_ in m.named_modules(prefix=p) if q != p)
+        owners.append(_plan_owner(p, m, route, order, head, taken, inline=p in whole))
     for row, block, roles, new, absorbed in blocks:
         if row['status'] == 'rewritten': _apply(block, roles, new, absorbed)
     for _, apply in owners: apply()
-    place = {p: i for i,(p,_) in enumerate(model.named_modules())}
     rows = [b[0] for b in blocks] + [r for rows,_ in owners for r in rows]
     return SwapReport(order, sorted(rows, key=lambda r: place.get(r['path'], len(place))))
 
