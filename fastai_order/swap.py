@@ -215,11 +215,13 @@ def attributes_kept(
             if isinstance(c, list): c[:] = items
             else: c.clear(); c.update(items)
 
+def _hooked(m): return any(getattr(m, a) for a in ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks'))
+
 class _OwnTracer(fx.Tracer):
-    "Traces `method` of a module: every submodule call is a leaf, or with `inline` only those of modules the op registry knows"
+    "Traces `method` of a module: every submodule call is a leaf, or with `inline` only those of modules the op registry knows and those with hooks (so they keep firing)"
     def __init__(self, method='forward', inline=False): super().__init__(); self.traced_func_name, self.inline = method, inline
     def is_leaf_module(self, m, qualname):
-        return not self.inline or module_role(m) is not None or isinstance(m, BLOCK_TYPES) or super().is_leaf_module(m, qualname)
+        return not self.inline or module_role(m) is not None or isinstance(m, BLOCK_TYPES) or _hooked(m) or super().is_leaf_module(m, qualname)
 
 def own_graph(
     owner:nn.Module, # the module
@@ -357,17 +359,20 @@ def _reorder_children(seq, group):
 _ENDS, _STARTS = ('conv', 'bn', 'norm_act', 'norm_part'), ('bn', 'norm_act', 'norm_part', 'act')   # a chain crosses a border from an op of the first kind to one of the second
 
 def _inlinable_graph(m, training, cache):
-    "The torch.fx graph of child `m`'s forward (its children leaves) if it can be inlined, else None"
+    "The torch.fx graph of child `m`'s forward (its children leaves) if it could be inlined, hooks aside, else None"
     if id(m) not in cache:
-        ok = not isinstance(m, BLOCK_TYPES + (nn.ModuleList, nn.ModuleDict)) and \
-             not any(getattr(m, a) for a in ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks'))
+        ok = not isinstance(m, BLOCK_TYPES + (nn.ModuleList, nn.ModuleDict))
         try: cache[id(m)] = own_graph(m, 'forward', training) if ok and len(inspect.signature(type(m).forward).parameters) == 2 else None
         except Exception: cache[id(m)] = None
     return cache[id(m)]
 
 def _edge(n, owner, head, training, cache, last, depth=3):
-    "The role of the op call `n` is, or for a call of a child module, of its last op (`last`) or first op that takes its input"
+    "The role of the op call `n` is, or for a call of a child module, of its last op (`last`) or first op that takes its input, past identities"
     op = _graph_op(n, owner, head)
+    if op is not None and op[0] == 'identity':   # look through it: to its input (`last`), or to the one op that takes its output
+        nxt = op[3] if last else next(iter(n.users)) if len(n.users) == 1 else None
+        ok = isinstance(nxt, fx.Node) and (len(nxt.users) == 1 if last else nxt.args[:1] == (n,))
+        return _edge(nxt, owner, head, training, cache, last, depth) if ok else None
     if op is not None: return op[0]
     if n.op != 'call_module' or depth == 0: return None
     m = owner.get_submodule(n.target)
@@ -381,18 +386,19 @@ def _edge(n, owner, head, training, cache, last, depth=3):
     return _edge(users[0], m, head, training, cache, last, depth-1) if len(users) == 1 and users[0].args[:1] == (ph[0],) else None
 
 def _borders(graph, owner, head, training, cache):
-    "Paths of the children whose calls in `graph` a chain crosses into or out of, and which can be inlined"
+    "Paths of the children whose calls in `graph` a chain crosses into or out of, and which can be inlined; of those with hooks apart"
     calls, homes = Counter(n.target for n in graph.nodes if n.op == 'call_module'), Counter(id(m) for _,m in owner.named_modules(remove_duplicate=False))
     child = lambda n: n.op == 'call_module' and _op_role(owner.get_submodule(n.target), head) is None and calls[n.target] == 1 and \
                       homes[id(owner.get_submodule(n.target))] == 1 and _inlinable_graph(owner.get_submodule(n.target), training, cache) is not None
-    res = []
+    res, hooked = [], []
     for p in graph.nodes:
         if len(p.users) != 1: continue
         c = next(iter(p.users))
         if c.args[:1] != (p,) or not (child(p) or child(c)): continue
         if _edge(p, owner, head, training, cache, last=True) in _ENDS and _edge(c, owner, head, training, cache, last=False) in _STARTS:
-            res += [n.target for n in (p, c) if child(n) and n.target not in res]
-    return res
+            for n in (p, c):
+                if child(n): (hooked if _hooked(owner.get_submodule(n.target)) else res).append(n.target)
+    return list(dict.fromkeys(res)), list(dict.fromkeys(hooked))
 
 def _inline(graph, owner, path, training, cache):
     "Replace the call of child `path` in `graph` by the calls its forward makes, their targets prefixed with `path`"
@@ -409,12 +415,14 @@ def _inline(graph, owner, path, training, cache):
     graph.erase_node(node)
 
 def _inline_borders(graph, owner, head, training):
-    "Inline, in `graph` of `owner`, the children a chain crosses into or out of, until none is left; their paths"
-    cache, done = {}, []
-    while todo := [p for p in _borders(graph, owner, head, training, cache) if p not in done]:
+    "Inline, in `graph` of `owner`, the children a chain crosses into or out of, until none is left, but those with hooks (left to fire); the paths of both"
+    cache, done, hooked = {}, [], []
+    while True:
+        todo, h = _borders(graph, owner, head, training, cache)
+        hooked += [p for p in h if p not in hooked]
+        if not (todo := [p for p in todo if p not in done]): return done, hooked
         for p in todo: _inline(graph, owner, p, training, cache)
         done += todo
-    return done
 
 # %% ../nbs/02_swap.ipynb #b8a04142
 _METHODS = ('forward', 'forward_features')   # timm's models and fastai's TimmBody call forward_features
@@ -472,12 +480,15 @@ def _install(owner, graphs, head, inline):
 def _plan_owner(path, owner, route, order, head, taken, inline=False):
     "(rows, apply) for the chains in `owner`'s forward (`inline`: traced down to the ops): rows for the report, and a function making the swaps; adds the paths of the children it inlined to `taken`"
     prefix = f'{path}.' if path else ''
-    if route == 'sequential' and not inline and not _inline_borders(own_graph(owner, 'forward', True), owner, head, True):
+    hooked = lambda paths: [dict(path=prefix + p, layer=type(owner).__name__, route='traced', old='', new='', status='skipped',
+                                 reason=f"a chain crosses into {type(owner.get_submodule(p)).__name__} {p!r}, which has hooks: not inlined, so they keep firing")
+                            for p in paths]
+    if route == 'sequential' and not inline and not (borders := _inline_borders(own_graph(owner, 'forward', True), owner, head, True))[0]:
         groups = [_Group(g, order, head, prefix) for run in _runs_of_children(owner, head) for g in _groups(run)]
         if not any(g.apart and g.new != g.old for g in groups):
             for g in groups: g.check(owner)
             todo = [g for g in groups if g.new != g.old]
-            return [g.row(owner, route) for g in groups], lambda: [_reorder_children(owner, g) for g in todo]
+            return [g.row(owner, route) for g in groups] + hooked(borders[1]), lambda: [_reorder_children(owner, g) for g in todo]
     try: graphs = own_graphs(owner, inline)
     except Exception as e:
         convs = [k for k,c in owner.named_children() if _op_role(c, head) in _ANCHORS]
@@ -486,7 +497,9 @@ def _plan_owner(path, owner, route, order, head, taken, inline=False):
     rows, changed = {}, False
     for m, by_mode in graphs.items():
         for t, g in by_mode.items():
-            taken.update(prefix + p for p in _inline_borders(g, owner, head, t))
+            inlined, left = _inline_borders(g, owner, head, t)
+            taken.update(prefix + p for p in inlined)
+            rows.update((r['path'], r) for r in hooked(left))
             groups = [_Group(ops, order, head, prefix) for run in _runs_of_graph(g, owner, head) for ops in _groups(run)]
             for grp in groups:
                 grp.check(owner)
@@ -513,7 +526,9 @@ def swap_order(
     taken, owners = set(), []
     for p, m, route in found:   # parents first: a child inlined into its parent's forward is planned there
         if p in taken: continue
-        if p in whole: taken.update(q for q,_ in m.named_modules(prefix=p) if q != p)
+        if p in whole:   # all below is planned in its trace, but modules with hooks: they stay calls, and are planned alone
+            hooked = [q for q,c in m.named_modules(prefix=p) if q != p and _hooked(c)]
+            taken.update(q for q,_ in m.named_modules(prefix=p) if q != p and not any(q == h or q.startswith(h + '.') for h in hooked))
         owners.append(_plan_owner(p, m, route, order, head, taken, inline=p in whole))
     for row, block, roles, new, absorbed in blocks:
         if row['status'] == 'rewritten': _apply(block, roles, new, absorbed)

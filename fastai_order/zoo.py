@@ -192,8 +192,6 @@ def _classify(e) -> dict:
         if re.search(r'trac\w* .*fail', msg.split('\n')[0]): return dict(outcome='untraceable', message=_line(e))
     return dict(outcome='crashed', message=_line(e), error_type=type(e).__name__)
 
-
-
 def _outputs(model, x, mode, seed=0) -> torch.Tensor:
     "Every tensor `model` returns on `x` in `mode` (dropout off, seeded) as one float64 vector; the model is left as it was"
     torch.manual_seed(seed)
@@ -211,8 +209,8 @@ def output_errors(model, new, x, mode:str='eval') -> dict:
                 f64_error=_rel(_outputs(_f64(new), x, mode), ref))
 
 def float64_rewrite(model, x, x2, mode:str='eval') -> dict:
-    "The sweep's own proof of `optimize_order(model, mode, example=x)`: redone on a float64 copy (whose folds are not rounded), its groups and output error against that copy on `x2`, and how much one rounding of every weight of that copy moves its output there"
-    m64 = _f64(model)
+    "The sweep's own proof of `optimize_order(model, mode, example=x)`: redone on `model` cast to float64 in place (whose folds are not rounded), its groups and output error against it on `x2`, and how much one rounding of every weight moves its output there"
+    m64 = model.to(torch.float64)   # in place: the sweep's last use of the model, and no room for a copy of the largest
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         r64 = optimize_order(m64, mode, example=x.to(torch.float64), reps=0, channels_last=False)
@@ -396,6 +394,12 @@ def _append(out:Path, row:dict):
             if new: w.writeheader()
             w.writerow({k: ('' if v is None else v) for k,v in row.items()})
 
+def _death(code) -> str:
+    "How a model's process with exit code `code` ended, in words"
+    if code == -signal.SIGKILL: return 'was killed (SIGKILL: by the kernel, out of memory?)'
+    if code is not None and code < 0: return f'died of {signal.Signals(-code).name} (a crash in native code: torch, oneDNN, a C extension)'
+    return f'ended with code {code}'
+
 def _child(conn, args, kwargs, extra):
     "Body of a model's subprocess: cap its address space `extra` bytes above what it holds, run `zoo_row`, send each part of the row as it comes"
     limit = psutil.Process().memory_info().vms + extra
@@ -452,7 +456,7 @@ def run_isolated(
                 if done: break
                 p.join(1); code = p.exitcode
                 row.update(outcome='out of memory' if code == -9 else 'crashed', error_type='process died',
-                           message=f"the model's process {'was killed (SIGKILL: by the kernel, out of memory?)' if code == -9 else f'ended with code {code}'} in phase {row.get('phase')}")
+                           message=f"the model's process {_death(code)} in phase {row.get('phase')}")
                 break
             if peak > memory_gb:
                 row.update(outcome='out of memory', message=f"{peak:.1f} GiB resident > memory_gb={memory_gb:g} in phase {row.get('phase')}"); break

@@ -212,7 +212,7 @@ def test_a_fold_that_loses_precision_is_refused_as_drift(monkeypatch):
     monkeypatch.setattr(opt, '_fold', lambda c, b: fold(c, b) if c.weight.dtype == torch.float64 else fold(c, b).to(torch.bfloat16).to(c.weight.dtype))
     model = _bench_cnn().eval()
     with pytest.raises(ValueError, match=r"refused \(drift\): at float32 the rewritten model's outputs are .* off the float64 result \(relative\), "
-                                         r"more than drift=4 × the original's .* \+ one rounding 6.0e-08\. Nothing was changed\."):
+                                         r"more than drift=4 × the original's .* \+ one rounding 6.0e-08; a larger `drift` accepts it\. Nothing was changed\."):
         optimize_order(model, 'eval', channels_last=False, reps=0)
     assert optimize_order(model, 'eval', channels_last=False, drift=1e6, reps=0).rows   # a looser `drift` lets it through
 
@@ -544,3 +544,17 @@ def test_folds_under_forwards_of_several_inputs():
     assert bn_calls(model) == 37 and bn_calls(r.model) == 0 and '' in r.frozen   # the model's own forward is fixed, everything below inlined
     with torch.no_grad(): y, y0 = r.model(x), model(x)
     assert r.error < 1e-12 and ((y - y0).abs().max() / y0.abs().max()) < 1e-5
+
+
+def test_channels_last_is_judged_against_the_originals_rounding_in_either_layout():
+    "timm's skresnet18 on one thread (as in the zoo sweep) drifts 2.2e-6 in channels_last, more in the default layout: its rewrite in channels_last (1.1e-5) was refused"
+    timm = pytest.importorskip('timm')
+    from fastai_order.zoo import calibrate_bn
+    torch.manual_seed(0)
+    model = calibrate_bn(timm.create_model('skresnet18'), (3, 224, 224))
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # rounding depends on how the work is split between threads
+    try: r = optimize_order(model, 'eval', example=x, channels_last=True, reps=0)
+    finally: torch.set_num_threads(threads)
+    assert r.channels_last and r.drift['rewritten'] > 4 * r.drift['original']   # worse than the original in channels_last, not than in the default layout

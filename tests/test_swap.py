@@ -397,7 +397,8 @@ def test_chains_across_module_borders_swap():
 
 
 @pytest.mark.parametrize('name, stem', [('resnet26d', 'conv1.6'), ('levit_conv_128s', 'stem.conv1.linear'), ('repvit_m1', 'stem.conv1.c'),
-                                        ('dla34', 'level2.tree1.conv1')])   # DLA's blocks take a shortcut and children: swapped in the model's own trace
+                                        ('dla34', 'level2.tree1.conv1'),   # DLA's blocks take a shortcut and children: swapped in the model's own trace
+                                        ('xception41', 'blocks.0.stack.conv1.conv_pw')])   # an Identity between a child's BN and the parent's ReLU
 def test_timm_chains_across_borders(name, stem):
     from fastai_order.zoo import chain_convs
     m = randomized(timm.create_model(name))
@@ -415,3 +416,14 @@ def test_a_child_with_hooks_is_not_inlined():
     m.cb.register_forward_hook(lambda *a: None)
     r = swap_order(m, 'bn_after')
     assert r.paths() == ['a.conv'] and 'cb' not in ' '.join(r.paths())   # the hook still fires: cb's chain is left as it was
+    assert r.paths('skipped') == ['cb'] and 'has hooks' in r.df.reason[0] and not r.complete
+
+
+def test_a_module_with_hooks_under_a_whole_trace_keeps_them_and_is_listed():
+    "DLA is traced whole (its blocks take several inputs): a block with a hook stays a call, its chains are listed as skipped"
+    m, calls = timm.create_model('dla34'), []
+    m.level2.tree1.register_forward_hook(lambda *a: calls.append(1))
+    r = swap_order(m, 'bn_after')
+    m(torch.randn(1, 3, 64, 64))
+    assert calls == [1] and 'level2.tree1.conv1' in r.paths('skipped') and not r.complete
+    assert 'level2.tree2.conv1' in r.paths()
