@@ -1,6 +1,7 @@
 "The public API: `from fastai_order.all import *` (not exported from a notebook; edit by hand)."
 from .cli import *
 from .clock import *
+from .ops import *
 from .order import *
 from .layers import *
 from .swap import *
@@ -15,3 +16,4 @@ from .timing import *
 from .layer_timer import *
 from .wandb import *
 from .bench import *
+from .zoo import *

@@ -493,7 +493,9 @@ def _plan_owner(path, owner, route, order, head, taken, inline=False):
     except Exception as e:
         convs = [k for k,c in owner.named_children() if _op_role(c, head) in _ANCHORS]
         why = f"{type(owner).__name__}.forward cannot be traced by torch.fx: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        return [dict(path=prefix + k, layer=type(owner).__name__, route='traced', old='', new='', status='skipped', reason=why) for k in convs], lambda: None
+        alone = not {_op_role(c, head) for c in _callable_children(owner)} & {'bn', 'norm_act', 'act'}   # no norm or activation beside the convs: no chain to miss
+        return [dict(path=prefix + k, layer=type(owner).__name__, route='traced', old='', new='', status='unchanged' if alone else 'skipped',
+                     reason=why + ('; no norm or activation beside it to reorder' if alone else '')) for k in convs], lambda: None
     rows, changed = {}, False
     for m, by_mode in graphs.items():
         for t, g in by_mode.items():

@@ -557,7 +557,7 @@ def zoo_summary(df:pd.DataFrame) -> pd.DataFrame:
         r['identical copy (control)'] = _spread(opt.speedup_control)
         swapped = _is(d.swap_status, 'ok')
         traced = pd.to_numeric(d.swap_missed, errors='coerce').notna()
-        r['swap: every chain swapped'] = f"{int((traced & _is(d.swap_missed, 0)).sum())}/{int(traced.sum())}"
+        r['swap: every chain swapped'] = f"{int((traced & (pd.to_numeric(d.swap_missed, errors='coerce') == 0)).sum())}/{int(traced.sum())}"
         r['swap: chains swapped'] = f"{int(pd.to_numeric(d.swap_chains, errors='coerce').sum() - pd.to_numeric(d.swap_missed, errors='coerce').sum())}" \
                                     f"/{int(pd.to_numeric(d.swap_chains, errors='coerce').sum())}"
         r['swap: report complete'] = f"{int(_is(d.swap_complete, True).sum())}/{len(d)}"

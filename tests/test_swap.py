@@ -334,6 +334,11 @@ def test_untraceable_and_multi_input_forwards_are_listed():
     r = swap_order(m, 'bn_after')
     assert r.complete and r.paths() == ['0.conv'] and traced(m) == [''] and 'forward' not in vars(m[0])
     torch.testing.assert_close(m(x), m[0].bn(m[0].act(m[0].conv(x))))
+    class Head(nn.Module):   # timm's ClassifierHead: a conv classifier, forward(x, pre_logits=False)
+        def __init__(self): super().__init__(); self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 4, 1)
+        def forward(self, x, pre_logits=False): return self.pool(x) if pre_logits else self.fc(self.pool(x))
+    r = swap_order(Head(), 'bn_after')   # no norm or activation beside the conv: nothing missed
+    assert r.complete and r.paths('unchanged') == ['fc'] and 'no norm or activation beside it' in r.df.reason[0]
 
 
 def test_preactivation_model_swaps_its_conv_norm_act_chains():
