@@ -433,6 +433,14 @@ def _replay(model, steps):
 # %% ../nbs/04a_optimize.ipynb #45d90bcc
 _LAYOUTS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
+def _layout_hazard(model, x, mode) -> str|None:
+    "Why channels_last must not train `model` on `x`'s CPU, or None: oneDNN's 1×1 strided conv backward on fewer than 16 channels in channels_last writes out of bounds (uxlfoundation/oneDNN#6035: crashes, or wrong weight gradients)"
+    if mode != 'train' or x.device.type != 'cpu': return None
+    for p, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels // m.groups < 16:
+            return (f"in training on the CPU, torch's channels_last backward of {p} (a 1×1 conv of stride {max(m.stride)} on "
+                    f"{m.in_channels // m.groups} channels, fewer than 16) writes out of bounds (oneDNN issue 6035: a crash or wrong weight gradients)")
+
 def _sync(x):
     if x.is_cuda: torch.cuda.synchronize(x.device)
 
@@ -573,6 +581,9 @@ def optimize_order(
         _check_equivalence(plans, errors, error, grad_error, tol, grad_tol, rw['sensitivity'])
     new = _replay(_copy(model), rw['steps'])
     layout, times = _LAYOUTS.get(x.dim()), {}
+    if layout and channels_last is not False and (hazard := _layout_hazard(model, x, mode)):
+        if channels_last: raise ValueError(_REFUSED.format('layout', f"{hazard}. Pass channels_last=False or None."))
+        layout = None   # None: channels_last is not tried
     cl = _copy(new).to(memory_format=layout) if layout and (channels_last or (channels_last is None and reps)) else None
     if reps:
         with ctx(): t = _time([model, new] + ([cl] if cl is not None else []), x, mode, reps)

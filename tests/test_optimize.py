@@ -558,3 +558,16 @@ def test_channels_last_is_judged_against_the_originals_rounding_in_either_layout
     try: r = optimize_order(model, 'eval', example=x, channels_last=True, reps=0)
     finally: torch.set_num_threads(threads)
     assert r.channels_last and r.drift['rewritten'] > 4 * r.drift['original']   # worse than the original in channels_last, not than in the default layout
+
+
+def test_channels_last_is_never_trained_through_onednns_strided_1x1_conv_on_few_channels():
+    "timm's repvgg_a0 stem (a 1×1 conv of stride 2 on 3 channels) crashed the process in a channels_last train step on the CPU (oneDNN issue 6035)"
+    def model(c): return nn.Sequential(nn.Conv2d(c, 8, 1, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"refused \(layout\): in training on the CPU, torch's channels_last backward of 0 \(a 1×1 conv "
+                                         r"of stride 2 on 3 channels, fewer than 16\) writes out of bounds \(oneDNN issue 6035"):
+        optimize_order(model(3), 'train', example=x, channels_last=True, reps=0)
+    r = optimize_order(model(3), 'train', example=x, reps=1)   # the default: channels_last is not tried
+    assert r.rows and not r.channels_last and 'channels_last' not in r.times
+    assert optimize_order(model(3), 'eval', example=x, channels_last=True, reps=0).channels_last   # no backward in eval
+    assert optimize_order(model(16), 'train', example=torch.randn(2, 16, 16, 16), channels_last=True, reps=0).channels_last
