@@ -18,7 +18,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from fastcore.basics import patch, store_attr
 from fastai.learner import Learner
 from fastai.callback.fp16 import MixedPrecision, AMPMode
-from .swap import BLOCK_TYPES, TracedForward, own_graphs, set_forwards, attributes_kept
+from .swap import BLOCK_TYPES, HOOK_ATTRS, TracedForward, own_graphs, set_forwards, attributes_kept
 from .ops import op_name, module_role, norm_act_norm, norm_act_parts
 from .commute import conditions_of, _search, _steps, _cheapest, _cost, _check_mode
 from .cli import check_module, check_number, check_int
@@ -347,11 +347,9 @@ def _splits(model):
             res.append(n.target)
     return res
 
-_HOOKS = dict(forward='_forward_hooks', forward_pre='_forward_pre_hooks', backward='_backward_hooks', backward_pre='_backward_pre_hooks')
-
 def _warn_hooks(m, path, fate):
     "Warn that the hooks on module `m` at `path` are not called as before: the rewritten model `fate`"
-    kinds = [k.replace('_', ' ') for k,a in _HOOKS.items() if any(not isinstance(h, _REPARAMS) for h in getattr(m, a).values())]
+    kinds = [k.replace('_', ' ') for k,a in HOOK_ATTRS.items() if any(not isinstance(h, _REPARAMS) for h in getattr(m, a).values())]
     if kinds: warnings.warn(f"optimize_order: {path} ({type(m).__name__}) has {' and '.join(kinds)} hooks, but the rewritten model {fate}")
 
 def _warn_plan(model, plan):

@@ -21,7 +21,7 @@ from .layers import OrderedConvLayer, block_roles
 from .cli import check_module
 
 # %% auto #0
-__all__ = ['BLOCK_TYPES', 'SwapReport', 'attributes_kept', 'own_graph', 'own_graphs', 'TracedForward', 'base_class',
+__all__ = ['BLOCK_TYPES', 'HOOK_ATTRS', 'SwapReport', 'attributes_kept', 'own_graph', 'own_graphs', 'TracedForward', 'base_class',
            'set_forwards', 'swap_order']
 
 # %% ../nbs/02_swap.ipynb #4714d482
@@ -215,7 +215,9 @@ def attributes_kept(
             if isinstance(c, list): c[:] = items
             else: c.clear(); c.update(items)
 
-def _hooked(m): return any(getattr(m, a) for a in ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks'))
+HOOK_ATTRS = dict(forward='_forward_hooks', forward_pre='_forward_pre_hooks', backward='_backward_hooks', backward_pre='_backward_pre_hooks')   # a module's hooks by kind: its attribute holding them
+
+def _hooked(m): return any(getattr(m, a) for a in HOOK_ATTRS.values())
 
 class _OwnTracer(fx.Tracer):
     "Traces `method` of a module: every submodule call is a leaf, or with `inline` only those of modules the op registry knows and those with hooks (so they keep firing)"
