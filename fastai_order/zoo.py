@@ -6,7 +6,7 @@ Docs: https://fastai-order.github.io/fastai_order/zoo.html.md"""
 
 # %% ../nbs/08a_zoo.ipynb #43732b4e
 from __future__ import annotations
-import copy, csv, difflib, multiprocessing as mp, re, resource, signal, statistics, threading, time, warnings
+import copy, csv, difflib, io, multiprocessing as mp, re, resource, signal, statistics, threading, time, warnings
 from contextlib import contextmanager
 from pathlib import Path
 import pandas as pd
@@ -379,15 +379,28 @@ _KEY = ['source', 'model', 'mode', 'channels_last', 'bs']
 def _key(row) -> tuple: return tuple(str(row[k]) for k in _KEY)
 
 def _read(out:Path) -> pd.DataFrame:
-    "The rows of the sweep CSV `out` (none if it does not exist yet); raises if it was written with other columns"
-    if not out.exists() or out.stat().st_size == 0: return pd.DataFrame(columns=COLUMNS)
-    with open(out, newline='') as f: header = next(csv.reader(f), [])
-    if header != COLUMNS: raise ValueError(f"{out} is not a sweep CSV of this version (its columns differ): give another --out")
-    return pd.read_csv(out, keep_default_na=False, na_values=[''])
+    "The rows of the sweep CSV `out` (none if it does not exist yet) but an unfinished last line; raises, naming it, if it is not one of this version"
+    data = out.read_bytes() if out.exists() else b''
+    data = data[:data.rfind(b'\n') + 1]   # a last line without its newline is a row a stopped sweep did not finish
+    if not data: return pd.DataFrame(columns=COLUMNS)
+    try:
+        text = data.decode()
+        if next(csv.reader(io.StringIO(text)), []) != COLUMNS: raise ValueError('its columns differ')
+        return pd.read_csv(io.StringIO(text), keep_default_na=False, na_values=[''])
+    except (ValueError, csv.Error) as e:   # UnicodeDecodeError and pandas' ParserError are ValueErrors
+        raise ValueError(f"{out} is not a sweep CSV of this version ({str(e).splitlines()[0]}): give another --out") from None
+
+def _drop_unfinished(out:Path):
+    "Cut from `out` a last line without its newline, a row a stopped sweep did not finish writing: its model runs again"
+    data = out.read_bytes() if out.exists() else b''
+    if (keep := data.rfind(b'\n') + 1) < len(data):
+        with open(out, 'r+b') as f: f.truncate(keep)
+        warnings.warn(f"{out}: its last line was cut off (a sweep stopped while writing it): dropped, and that model runs again")
 
 def _append(out:Path, row:dict):
     "Append `row` to the CSV `out` (with a header if it is new), under the lock `out`.lock"
     with FileLock(f'{out}.lock'):
+        _drop_unfinished(out)
         new = not out.exists() or out.stat().st_size == 0
         with open(out, 'a', newline='') as f:
             w = csv.DictWriter(f, COLUMNS, extrasaction='ignore')
@@ -455,7 +468,7 @@ def run_isolated(
                 except (EOFError, OSError): pass
                 if done: break
                 p.join(1); code = p.exitcode
-                row.update(outcome='out of memory' if code == -9 else 'crashed', error_type='process died',
+                row.update(outcome='out of memory' if code == -signal.SIGKILL else 'crashed', error_type='process died',
                            message=f"the model's process {_death(code)} in phase {row.get('phase')}")
                 break
             if peak > memory_gb:
@@ -556,10 +569,9 @@ def zoo_summary(df:pd.DataFrame) -> pd.DataFrame:
         r[f'{modes} speed-up vs fx fuse'] = _spread(opt.speedup_vs_fuse)
         r['identical copy (control)'] = _spread(opt.speedup_control)
         swapped = _is(d.swap_status, 'ok')
-        traced = pd.to_numeric(d.swap_missed, errors='coerce').notna()
-        r['swap: every chain swapped'] = f"{int((traced & (pd.to_numeric(d.swap_missed, errors='coerce') == 0)).sum())}/{int(traced.sum())}"
-        r['swap: chains swapped'] = f"{int(pd.to_numeric(d.swap_chains, errors='coerce').sum() - pd.to_numeric(d.swap_missed, errors='coerce').sum())}" \
-                                    f"/{int(pd.to_numeric(d.swap_chains, errors='coerce').sum())}"
+        missed, chains = (pd.to_numeric(d[c], errors='coerce') for c in ('swap_missed', 'swap_chains'))   # a CSV read back by pandas holds floats
+        r['swap: every chain swapped'] = f"{int((missed == 0).sum())}/{int(missed.notna().sum())}"
+        r['swap: chains swapped'] = f"{int(chains.sum() - missed.sum())}/{int(chains.sum())}"
         r['swap: report complete'] = f"{int(_is(d.swap_complete, True).sum())}/{len(d)}"
         r['swap refused / crashed'] = f"{int(_is(d.swap_status, 'refused').sum())} / {int(_is(d.swap_status, 'crashed').sum())}"
         r['swapped model fails to run'] = int(_is(d.swap_runs, False).sum())

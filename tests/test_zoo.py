@@ -110,3 +110,22 @@ def test_a_csv_of_other_columns_is_not_appended_to(tmp_path):
     with pytest.raises(SystemExit, match=r"^fastai-order-zoo: .*other.csv is not a sweep CSV of this version \(its columns differ\): give another --out$"):
         zoo_cli(source='subset', models='squeezenet1_1', out=out)
     assert out.read_text() == 'a,b\n1,2\n'
+
+
+def test_a_row_cut_off_by_a_stopped_sweep_is_dropped_and_its_model_runs_again(subset, tmp_path):
+    "A sweep killed while writing leaves half a row: it was glued to the next row appended, and the CSV could no longer be read"
+    df, out = subset
+    part = tmp_path/'part.csv'
+    lines = out.read_text().splitlines(keepends=True)
+    part.write_text(''.join(lines[:2]) + lines[2][:60])   # resnet18's row whole, mobilenet_v3_small's cut off
+    with pytest.warns(UserWarning, match='its last line was cut off'):
+        res = zoo_sweep('subset', 'resnet18,mobilenet_v3_small', **FAST, isolate=False, out=part, verbose=False)
+    assert res.model.tolist() == ['resnet18', 'mobilenet_v3_small'] and len(pd.read_csv(part)) == 2
+
+
+def test_a_csv_that_is_not_text_is_named_in_one_line(tmp_path):
+    out = tmp_path/'bad.csv'
+    out.write_bytes(b'garbage\x00\xff,,\n')
+    with pytest.raises(SystemExit, match=r"^fastai-order-zoo: .*bad.csv is not a sweep CSV of this version \('utf-8' codec can't decode"):
+        zoo_cli(source='subset', models='squeezenet1_1', out=out)
+    assert out.read_bytes() == b'garbage\x00\xff,,\n'
