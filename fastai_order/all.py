@@ -11,6 +11,8 @@ from .data import *
 from .run import *
 from .results import *
 from .report import *
+from .engines import *
+from .schedulers import *
 from .compare import *
 from .timing import *
 from .layer_timer import *

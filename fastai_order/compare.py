@@ -9,14 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 import pandas as pd
 from fastcore.script import call_parse, store_true
-from fastprogress.fastprogress import progress_bar
 from .order import LayerOrder
-from .run import RunConfig, train_run, check_builds
+from .run import RunConfig, check_builds
 from .results import RunsFolder, runs_table
+from .engines import RayEngine, get_engine, train_grid, ENGINES
 from .report import Comparison
 from .data import data_folder
 from .wandb import check_wandb_login
-from .cli import cli_errors, check_int
+from .schedulers import scheduler_config
+from .cli import cli_errors, check_int, check_choice
 
 # %% auto #0
 __all__ = ['comparison_plan', 'compare_orders', 'compare_cli']
@@ -40,24 +41,12 @@ def comparison_plan(orders, config:RunConfig|None=None, seeds:int=3, only:tuple|
     return [one]
 
 # %% ../nbs/07_compare.ipynb #c2c9ff56
-def _train_missing(folder, grid, group):
-    "Train every run of `grid` not in `folder`: first those no other process holds, then wait for the others; how many it trained"
-    waiting, trained = [], 0
-    for wait, runs in ((False, grid), (True, waiting)):
-        for cfg in progress_bar(runs, leave=False):
-            if folder.read(cfg) is not None: continue
-            lock = folder.claim(cfg, wait)
-            if lock is None: waiting.append(cfg); continue
-            try:
-                if folder.read(cfg) is None: folder.write(cfg, train_run(cfg, group, folder.path)); trained += 1
-            finally: lock.release()
-    return trained
-
 def compare_orders(orders=('resnet', 'bn_after', 'pool_before_bn'), config:RunConfig|None=None, seeds:int=3, out='order_comparison',
-                   only:tuple|None=None, experiment:str|None=None, **settings) -> Comparison:
-    "Train every run of `orders` × `seeds` not yet in `out` (`config`, or `RunConfig(**settings)`), then the statistics and the report"
+                   only:tuple|None=None, experiment:str|None=None, engine='local', **settings) -> Comparison:
+    "Train every run of `orders` × `seeds` not yet in `out` (`config`, or `RunConfig(**settings)`) on `engine`, then the statistics and the report"
     config = (config or RunConfig()).replace(**settings)
     grid = comparison_plan(orders, config, seeds, only)
+    engine = get_engine(engine)
     folder = RunsFolder(out)
     folder.check(config)
     for cfg in grid: folder.read(cfg)   # a damaged run file stops here
@@ -67,7 +56,7 @@ def compare_orders(orders=('resnet', 'bn_after', 'pool_before_bn'), config:RunCo
     for order in realised: check_builds(config.replace(order=order))
     folder.create(config)
     group = experiment or folder.path.resolve().name
-    trained = _train_missing(folder, grid, group)
+    trained = train_grid(folder, grid, group, engine)
     records = [r for r in map(folder.read, comparison_plan(orders, config, seeds)) if r is not None]
     res = Comparison(runs_table(records), realised, config=config.key)
     if only is None:
@@ -84,7 +73,12 @@ def _wandb_summary(res, group, log_dir):
         run.log({'order_stats': wandb.Table(dataframe=res.stats)})
 
 # %% ../nbs/07_compare.ipynb #8fe2cc3d
-def _parse_run(run):
+def _parse_only(run, order, seed):
+    "The single run `--run ORDER:SEED` or `--order` with `--seed` names, or None"
+    if (order is None) != (seed is None): raise ValueError("--order and --seed name one run together: give both, or neither")
+    if run is not None and order is not None: raise ValueError("Give --run ORDER:SEED or --order with --seed, not both")
+    if order is not None: run = f'{order}:{seed}'
+    if run is None: return None
     order, _, seed = run.rpartition(':')
     if not order or not seed.isdigit(): raise ValueError(f"--run must be ORDER:SEED (e.g. resnet:0), got {run!r}")
     return order, int(seed)
@@ -119,16 +113,31 @@ def compare_cli(
     wandb:store_true=False, # one W&B run per (order, seed), grouped by the out folder's name
     dry_run:store_true=False, # print the plan and the state of each run, and train nothing
     run:str=None, # train only ORDER:SEED (e.g. resnet:2), for a scheduler that fans out the grid
+    order:str=None, # with --seed: train only that run, as --run ORDER:SEED does (W&B sweeps pass each grid axis as its own flag)
+    seed:int=None, # with --order: the seed of the only run to train
     workers:int=None, # data loader workers (default: min(8, CPUs)); part of the configuration: they draw the augmentations
+    engine:str='local', # local (one run after another, here) or ray (each run a Ray task)
+    address:str=None, # ray: the cluster to run on ('auto', 'ray://host:10001'); default: a running Ray, else a new local one
+    cpus_per_run:float=1, # ray: CPUs each run reserves (its data loader workers need them too)
+    gpus_per_run:float=0, # ray: GPUs each run reserves
+    scheduler:str=None, # print this grid as a W&B sweep configuration (wandb) or a SLURM job-array script (slurm), and train nothing
 ):
     "Compare layer orders: each order × seed trained, then statistics against the first order, a report and figures in `out`"
     with cli_errors('fastai-order-compare', f"the finished runs are kept in {out}: run the same command again to resume"):
-        only = _parse_run(run) if run else None
+        only = _parse_only(run, order, seed)
         config = RunConfig(data=data, arch=arch, epochs=epochs, lr=lr, bs=bs, size=size, precision=precision, backend=backend,
                            warmup=warmup, p=p, pool=pool, workers=workers, wandb=wandb)
         orders = orders.split(',')
+        ray = check_choice('engine', engine, list(ENGINES)) == 'ray'
+        if address is not None and not ray: raise ValueError("--address is the ray engine's: add --engine ray")
+        if (gpus_per_run or cpus_per_run != 1) and not (ray or scheduler == 'slurm'): raise ValueError(
+            "--cpus-per-run and --gpus-per-run are what one run reserves on Ray or in a SLURM array: add --engine ray or --scheduler slurm")
+        if scheduler:
+            comparison_plan(orders, config, seeds, only); RunsFolder(out).check(config)
+            return print(scheduler_config(scheduler, orders, config, seeds, out, cpus_per_run, gpus_per_run))
+        if ray: engine = RayEngine(address, cpus_per_run, gpus_per_run)
         if dry_run: return _dry_run(orders, config, seeds, out, only)
-        res = compare_orders(orders, config, seeds, out, only)
+        res = compare_orders(orders, config, seeds, out, only, engine=engine)
     print(res.table())
     if not only: print(f"\nreport and figures: {Path(out)/'report.md'}")
     return res

@@ -1,7 +1,8 @@
 "`compare_orders` and `fastai-order-compare` on a tiny Imagenette-shaped folder: resume, refusals before anything is created, single runs, W&B offline, Ctrl-C, bf16 on CUDA."
 import json
 import pandas as pd, pytest, torch, wandb
-import fastai_order.compare as compare
+
+import fastai_order.engines as engines
 import fastai_order.data as data
 from fastai_order.compare import compare_orders, compare_cli
 from fastai_order.run import RunConfig
@@ -16,12 +17,12 @@ def cfg(tiny_data): return RunConfig(data=str(tiny_data), **TINY)
 
 
 def test_an_interrupted_comparison_resumes_with_only_what_is_missing(cfg, tmp_path, monkeypatch):
-    real, calls = compare.train_run, []
+    real, calls = engines.train_run, []
     def crash_on_third(c, *args):
         calls.append((c.order, c.seed))
         if len(calls) == 3: raise KeyboardInterrupt
         return real(c, *args)
-    monkeypatch.setattr(compare, 'train_run', crash_on_third)
+    monkeypatch.setattr(engines, 'train_run', crash_on_third)
     with pytest.raises(KeyboardInterrupt): compare_orders(['resnet', 'bn_after'], cfg, seeds=2, out=tmp_path)
     assert len(list((tmp_path/'runs').glob('*.json'))) == 2 and not list((tmp_path/'runs').glob('*.tmp'))
     calls.clear()
@@ -87,7 +88,7 @@ def test_a_damaged_or_copied_run_file_is_named_and_never_counted(tiny_data, cfg,
     (dict(data='imagenette-160'), "Could not download 'imagenette-160'"),
     (dict(wandb=True), "W&B logging needs an API key: run `wandb login` or set WANDB_API_KEY, or log offline with WANDB_MODE=offline")])
 def test_bad_input_stops_before_anything_is_created(tiny_data, tmp_path, monkeypatch, bad, msg):
-    monkeypatch.setattr(compare, 'train_run', lambda *a, **k: pytest.fail('trained'))
+    monkeypatch.setattr(engines, 'train_run', lambda *a, **k: pytest.fail('trained'))
     monkeypatch.setattr(data, 'untar_data', lambda url: (_ for _ in ()).throw(ConnectionError('network unreachable')))
     monkeypatch.delenv('WANDB_MODE', raising=False); monkeypatch.delenv('WANDB_API_KEY', raising=False)
     monkeypatch.setattr(wandb, 'login', lambda **k: False)
@@ -99,7 +100,7 @@ def test_bad_input_stops_before_anything_is_created(tiny_data, tmp_path, monkeyp
 
 def test_a_folder_from_before_the_warm_up_is_refused_before_anything_is_trained(cfg, tiny_data, tmp_path, monkeypatch):
     "Its runs were timed without warm-up, with the process's lifetime peak memory: they do not compare with new ones"
-    monkeypatch.setattr(compare, 'train_run', lambda *a, **k: pytest.fail('trained'))
+    monkeypatch.setattr(engines, 'train_run', lambda *a, **k: pytest.fail('trained'))
     (tmp_path/'runs').mkdir(parents=True)
     (tmp_path/'config.json').write_text(json.dumps({k: v for k, v in cfg.key.items() if k != 'warmup'}))
     (tmp_path/'runs'/'conv_bn_act_pool__seed0.json').write_text('{}')
@@ -124,7 +125,7 @@ def test_a_bf16_comparison_on_cuda_times_the_device_and_compares_memory(cfg, tmp
 
 def test_ctrl_c_says_how_to_resume(cfg, tiny_data, tmp_path, monkeypatch):
     def interrupted(*a): raise KeyboardInterrupt
-    monkeypatch.setattr(compare, 'train_run', interrupted)
+    monkeypatch.setattr(engines, 'train_run', interrupted)
     with pytest.raises(SystemExit, match=r"interrupted; the finished runs are kept in .*: run the same command again to resume"):
         compare_cli(orders='resnet', data=str(tiny_data), seeds=1, epochs=1, bs=4, size=16, workers=0, out=str(tmp_path))
 

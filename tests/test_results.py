@@ -6,13 +6,14 @@ from fastai_order.compare import comparison_plan
 
 WORKER = textwrap.dedent('''
     import sys, json
+    import fastai_order.engines as engines
     import fastai_order.compare as compare
     from fastai_order.run import RunConfig
-    real = compare.train_run
+    real = engines.train_run
     def logged(cfg, *a):
         print('TRAINED', cfg.order, cfg.seed, flush=True)
         return real(cfg, *a)
-    compare.train_run = logged
+    engines.train_run = logged
     res = compare.compare_orders(['resnet', 'bn_after'], RunConfig(data=sys.argv[1], epochs=1, bs=4, size=16, workers=0), seeds=2, out=sys.argv[2])
     print('\\nTABLE', json.dumps(res.table()))
 ''')
