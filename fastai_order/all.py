@@ -1,6 +1,7 @@
 "The public API: `from fastai_order.all import *` (not exported from a notebook; edit by hand)."
 from .cli import *
 from .clock import *
+from .distributed import *
 from .ops import *
 from .order import *
 from .layers import *

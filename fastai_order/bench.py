@@ -6,7 +6,8 @@ Docs: https://fastai-order.github.io/fastai_order/bench.html.md"""
 
 # %% ../nbs/08_bench.ipynb #225b1f52
 from __future__ import annotations
-import time, timeit, statistics, ctypes, ctypes.util, warnings, tempfile, io, copy
+import time, timeit, statistics, ctypes, ctypes.util, warnings, tempfile, io, copy, json, os, subprocess, sys
+from dataclasses import asdict
 from dataclasses import dataclass
 from pathlib import Path
 from contextlib import redirect_stdout
@@ -34,12 +35,17 @@ from .swap import swap_order
 from .optimize import optimize_order
 from .run import RunConfig, run_learner, ARCHS, PRECISIONS, BACKENDS
 from .compare import compare_orders, comparison_plan
+from .engines import get_engine
+from .distributed import rank_world
+from .timing import BatchTimer
+from .layer_timer import LayerTimer
 from .cli import cli_errors, check_choice, check_int
 
 # %% auto #0
 __all__ = ['synthetic_dls', 'keep_freed_memory', 'BenchSetting', 'time_train_steps', 'compare_train_steps', 'bench_models',
-           'bench_settings', 'bench', 'timer_overhead', 'phase_shares', 'cuda_check', 'runner_overhead', 'timing_bench',
-           'optimize_models', 'time_eval', 'compare_eval', 'eval_speedups', 'train_speedups', 'optimize_bench', 'demo']
+           'bench_settings', 'bench', 'timer_overhead', 'phase_shares', 'cuda_check', 'runner_overhead',
+           'engine_speedup', 'ddp_fit', 'ddp_launch', 'ddp_speedup', 'timing_bench', 'optimize_models', 'time_eval',
+           'compare_eval', 'eval_speedups', 'train_speedups', 'optimize_bench', 'demo']
 
 # %% ../nbs/08_bench.ipynb #50c7d5ff
 def synthetic_dls(n=96, bs=16, c_in=3, size=16, n_out=4, seed=0, valid_pct=0.25):
@@ -343,6 +349,72 @@ def runner_overhead(orders=('resnet', 'bn_after', 'pool_before_bn'), config:RunC
     return pd.DataFrame([dict(runs=len(grid), epochs=config.epochs, runner_s=statistics.median(times['runner']),
                               bare_s=statistics.median(times['bare']), ratio=statistics.median(ratio), ratio_min=min(ratio), ratio_max=max(ratio))])
 
+# %% ../nbs/08_bench.ipynb #417acdff
+def engine_speedup(orders=('resnet', 'bn_after'), config:RunConfig|None=None, seeds=2, repeats=1, engine='ray') -> pd.DataFrame:
+    "Paired wall times of one grid trained by the sequential runner and on `engine` (each into a new folder), the ratio, and the overhead per run"
+    config, engine = config or RunConfig(epochs=3), get_engine(engine)
+    runs, rows = len(comparison_plan(orders, config, seeds)), []
+    slots = min(runs, int(os.cpu_count() // max(engine.cpus_per_run, 1e-9))) if engine.parallel else 1
+    for r in progress_bar(range(repeats), leave=False):
+        for e in ((get_engine('local'), engine) if r % 2 == 0 else (engine, get_engine('local'))):
+            with tempfile.TemporaryDirectory() as d, redirect_stdout(io.StringIO()):
+                start = time.perf_counter()
+                res = compare_orders(orders, config, seeds, out=Path(d)/'c', engine=e)
+                wall = time.perf_counter() - start
+            n = slots if e is engine else 1
+            rows.append(dict(repeat=r, engine=e.name, wall_s=wall, fit_s=res.runs.fit_s.sum(), threads=int(res.runs.threads.iloc[0]),
+                             overhead_per_run_s=(wall - res.runs.fit_s.sum() / n) / runs))
+    df = pd.DataFrame(rows)
+    wide = df.pivot(index='repeat', columns='engine', values='wall_s')
+    return pd.DataFrame([dict(runs=runs, engine=engine.name, at_once=slots, local_s=wide['local'].median(), engine_s=wide[engine.name].median(),
+                              ratio=(wide[engine.name] / wide['local']).median(),
+                              local_overhead_per_run_s=df[df.engine == 'local'].overhead_per_run_s.median(),
+                              engine_overhead_per_run_s=df[df.engine == engine.name].overhead_per_run_s.median(),
+                              local_threads=df[df.engine == 'local'].threads.iloc[0], engine_threads=df[df.engine == engine.name].threads.iloc[0])])
+
+# %% ../nbs/08_bench.ipynb #10d46824
+def ddp_fit(config:RunConfig, out):
+    "One rank of a data-parallel fit of `config`'s run under fastai's `distrib_ctx`, with `BatchTimer` and `LayerTimer`; writes `out`/rank{r}.json"
+    import fastai.distributed   # Learner.distrib_ctx (needs accelerate)
+    learn = run_learner(config, cbs=[BatchTimer(), LayerTimer()])
+    with learn.distrib_ctx(sync_bn=torch.cuda.is_available()):   # torch's SyncBatchNorm runs on GPUs only
+        rank, world = rank_world()
+        start = time.perf_counter()
+        learn.fit_one_cycle(config.epochs, config.lr)
+        fit_s = time.perf_counter() - start
+    table = lambda df: json.loads(df.reset_index().to_json(orient='records'))
+    res = dict(rank=rank, world=world, threads=torch.get_num_threads(), fit_s=fit_s, accuracy=float(learn.recorder.values[-1][2]),
+               batch=table(learn.batch_timer.summary()), layer=table(learn.layer_timer.summary()))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out)/f'rank{rank}.json').write_text(json.dumps(res))
+    return res
+
+def ddp_launch(config:RunConfig, out, procs:int=2, timeout=1800) -> subprocess.CompletedProcess:
+    "Run `ddp_fit` of `config` on `procs` ranks with `torchrun` (one plain process when `procs` is 1), figures in `out`"
+    code = f"from fastai_order.bench import ddp_fit; from fastai_order.run import RunConfig; ddp_fit(RunConfig(**{asdict(config)!r}), {str(out)!r})"
+    cmd = [sys.executable, '-c', code]
+    if procs > 1: cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={procs}', '--no-python', *cmd]
+    env = {**os.environ, **({} if torch.cuda.is_available() else {'ACCELERATE_USE_CPU': '1'})}   # Accelerate: gloo on CPUs
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+def ddp_speedup(config:RunConfig|None=None, procs:int=2, repeats:int=1) -> tuple:
+    "Paired wall times of `config`'s fit in one process and on `procs` data-parallel ranks; (times, rank 0's last per-rank figures)"
+    config, rows = config or RunConfig(epochs=2, workers=0), []
+    for r in progress_bar(range(repeats), leave=False):
+        for n in ((1, procs) if r % 2 == 0 else (procs, 1)):
+            with tempfile.TemporaryDirectory() as d:
+                done = ddp_launch(config, d, n)
+                if done.returncode: raise RuntimeError(f"the {n}-process fit failed: {done.stderr.strip().splitlines()[-1]}")
+                figures = [json.loads((Path(d)/f'rank{k}.json').read_text()) for k in range(n)]
+            rows.append(dict(repeat=r, procs=n, wall_s=max(f['fit_s'] for f in figures), threads=figures[0]['threads'],
+                             accuracy=figures[0]['accuracy']))
+            if n == procs: last = figures[0]
+    df = pd.DataFrame(rows)
+    wide = df.pivot(index='repeat', columns='procs', values='wall_s')
+    times = df.groupby('procs')[['wall_s', 'accuracy', 'threads']].median().reset_index()
+    times['ratio_to_one'] = [(wide[n] / wide[1]).median() for n in times.procs]
+    return times, last
+
 # %% ../nbs/08_bench.ipynb #81b18b5d
 @call_parse
 @cli_errors('fastai-order-timing')
@@ -360,6 +432,8 @@ def timing_bench(
     compile:store_true=False, # fit `torch.compile`d models
     cuda:store_true=False, # instead, on CUDA: count the synchronizations each timer adds and check the device phases
     runner:store_true=False, # instead, the overhead of `compare_orders` against a bare fit loop (3 orders, 5 epochs of MNIST; `repeats` pairs)
+    engine:str=None, # with --runner: instead, the sequential runner against this engine (ray: a local Ray) on 2 orders × 2 seeds, 3 epochs of MNIST
+    ddp:int=None, # instead, 2 epochs of MNIST's CNN in one process and on `ddp` data-parallel ranks (torchrun; gloo on CPU), `repeats` pairs
 ):
     "Overhead of `BatchTimer` and `LayerTimer` on `arch`'s train steps, and phase shares of `orders` on a small CNN"
     check_choice('arch', arch, XRESNET_ARCHS)
@@ -378,6 +452,22 @@ def timing_bench(
         return
     if threads: torch.set_num_threads(threads)
     kept = keep_freed_memory()
+    if ddp is not None:
+        times, ranks = ddp_speedup(procs=check_int('ddp', ddp, 2), repeats=repeats)
+        print(f"2 epochs of MNIST's CNN, batch 64 per rank, in one process and on {ddp} ranks, {repeats} paired repeats:")
+        print(times.to_string(index=False, float_format='%.3f'))
+        for name in ('batch', 'layer'):
+            print(f"\nrank 0's {'BatchTimer' if name == 'batch' else 'LayerTimer'} summary (train) on {ddp} ranks:")
+            t = pd.DataFrame(ranks[name])
+            if name == 'batch': t = t[t.split == 'train'].drop(columns='split')
+            print(t.to_string(index=False, float_format='%.2f'))
+        return times
+    if engine is not None and not runner: raise ValueError("--engine compares the runner on an engine: add --runner")
+    if runner and engine is not None:
+        df = engine_speedup(repeats=repeats, engine=engine)
+        print(f"the same grid (2 orders × 2 seeds, 3 epochs of MNIST) by the sequential runner and on {engine}, {repeats} paired repeats:")
+        print(df.to_string(index=False, float_format='%.3f'))
+        return df
     if runner:
         df = runner_overhead(repeats=repeats)
         print(f"compare_orders vs a bare fit_one_cycle loop, cnn on MNIST, {torch.get_num_threads()} threads, {repeats} paired repeats:")

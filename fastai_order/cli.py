@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib, numbers, reprlib
 from contextlib import contextmanager
 from torch import nn
+from .distributed import check_unwrapped
 
 # %% auto #0
 __all__ = ['cli_errors', 'check_choice', 'check_int', 'check_number', 'check_module']
@@ -41,6 +42,7 @@ def check_number(name:str, v, lo:float=0, none_ok:bool=False):
     return v
 
 def check_module(model, fn:str, learner:bool=True):
-    "Raise a `TypeError` that names `model` unless it is an `nn.Module` (pointing to `Learner.fn` if `learner`)"
+    "Raise a `TypeError` that names `model` unless it is an `nn.Module` (pointing to `Learner.fn` if `learner`) not wrapped for data parallelism"
     hint = f" (for a fastai Learner call `learn.{fn}(...)`)" if learner else ''
     if not isinstance(model, nn.Module): raise TypeError(f"{fn} needs an nn.Module{hint}, got {reprlib.repr(model)} ({type(model).__name__})")
+    check_unwrapped(model, fn)

@@ -13,6 +13,7 @@ from .ops import module_role, ROLES as OP_ROLES
 from functools import partial
 from .timing import _PrivateState
 from .clock import Clock, HostClock, check_clock, device_clock
+from .distributed import rank_world, gather_ranks, fix_distributed_dl, PARALLEL_WRAPPERS
 from .cli import check_int, check_choice
 
 # %% auto #0
@@ -36,7 +37,7 @@ class LayerTimer(_PrivateState, Callback):
         every:int|None=None, # time one batch in `every` after the warm-up; `None`: 1 on the host clock, 8 on a device clock
     ):
         self.warmup,self.clock,self.every = check_int('warmup', warmup, 0),check_clock(clock),check_int('every', every, none_ok=True)
-        self.paths,self.ns,self.batches = [],{},{}
+        self.paths,self.ns,self.batches,self.ranks = [],{},{},{}
         self._init_state()
 
     def _init_state(self): self._handles,self._clock,self._on,self._t,self._spans,self._every,self._leaves = [],None,False,{},[],1,[]
@@ -93,7 +94,8 @@ def before_fit(self:LayerTimer):
     model = self.learn.model
     self._clock = device_clock(self.clock, model) or HostClock()
     self._every = self.every or (1 if isinstance(self._clock, HostClock) else 8)
-    self._leaves = _timed_modules(model)
+    if rank_world()[1] > 1: fix_distributed_dl()
+    self._leaves = _timed_modules(model.module if isinstance(model, PARALLEL_WRAPPERS) else model)   # paths as in the model itself
     self.paths = [(n, module_role(m) or 'other', type(m).__name__) for n,m in self._leaves]
 
 @patch
@@ -123,6 +125,13 @@ def _store(self:LayerTimer, keys, durations):
     for k,d in zip(keys, durations): self.ns[k] = self.ns.get(k, 0) + d
 
 @patch
+def after_epoch(self:LayerTimer):
+    "With several ranks, every rank's times and batch counts, by rank (gathered on every rank: no device synchronization)"
+    if rank_world()[1] == 1: return
+    self._resolve()
+    self.ranks = dict(enumerate(gather_ranks((self.ns, self.batches))))
+
+@patch
 def after_fit(self:LayerTimer): self._on = False; self._remove_hooks(); self._resolve()
 
 @patch
@@ -140,19 +149,27 @@ def df(self:LayerTimer):
             for s,n in self.batches.items() for i,(p,r,c) in enumerate(self.paths)]
     return pd.DataFrame(rows, columns=['split', 'path', 'role', 'module', 'forward_ms', 'backward_ms'])
 
+def _by_role(ns, n, paths, split):
+    "Forward, backward and total ms per batch by role from the nanoseconds `ns` of `n` timed batches of `split`"
+    res = pd.DataFrame(0., index=pd.Index(ROLES, name='role'), columns=['forward_ms', 'backward_ms'])
+    for i,(_,role,_) in enumerate(paths):
+        for d in ('forward', 'backward'): res.loc[role, f'{d}_ms'] += ns.get((split, i, d), 0)/1e6/n
+    for d in ('forward', 'backward'):   # what no leaf module accounts for
+        res.loc['other', f'{d}_ms'] += max(ns.get((split, -1, d), 0)/1e6/n - res[f'{d}_ms'].sum(), 0)
+    res['total_ms'] = res.forward_ms + res.backward_ms
+    return res
+
 @patch
 def summary(self:LayerTimer, split:str='train'):
-    "Forward and backward ms per batch by role (`ROLES`) for `split`, and each role's % of the model's total"
+    "Forward and backward ms per batch by role (`ROLES`) for `split`, each role's % of the model's total; with several ranks, each rank's total ms, their mean and the slowest"
     check_choice('split', split, list(self.batches) or ['train', 'valid'])
-    df = self.df
-    res = df[df.split == split].groupby('role')[['forward_ms', 'backward_ms']].sum().reindex(ROLES, fill_value=0.)
-    n = self.batches[split]
-    for d in ('forward', 'backward'):
-        whole = self.ns.get((split, -1, d), 0)/1e6/n
-        res.loc['other', f'{d}_ms'] += max(whole - res[f'{d}_ms'].sum(), 0)
-    res['total_ms'] = res.forward_ms + res.backward_ms
+    self._resolve(wait=True)
+    res = _by_role(self.ns, self.batches[split], self.paths, split)
     res['pct'] = 100 * res.total_ms / res.total_ms.sum()
-    return res
+    if len(self.ranks) < 2: return res
+    per_rank = pd.DataFrame({f'rank{r}_ms': _by_role(ns, b[split], self.paths, split).total_ms for r,(ns, b) in sorted(self.ranks.items()) if b.get(split)})
+    return res.assign(**per_rank, ranks_mean_ms=per_rank.mean(axis=1), slowest_rank=per_rank.idxmax(axis=1).str[4:-3].astype(int),
+                      slowest_ms=per_rank.max(axis=1))
 
 # %% ../nbs/03a_layer_timer.ipynb #e37a5211
 @patch

@@ -15,6 +15,7 @@ from fastai.callback.core import Callback
 from fastai.torch_core import find_bs
 from .cli import check_int, check_choice
 from .clock import Clock, CudaClock, check_clock, device_clock
+from .distributed import rank_world, gather_ranks, fix_distributed_dl
 
 # %% auto #0
 __all__ = ['PHASES', 'SPLITS', 'OUTCOMES', 'PHASE_COLORS', 'phase_times', 'BatchTimer']
@@ -104,7 +105,7 @@ class BatchTimer(_PrivateState, Callback):
         self.warmup,self.max_rows,self.clock = check_int('warmup', warmup, 0),check_int('max_rows', max_rows, 1),check_clock(clock)
         if wandb_every is not None and not wandb_every > 0: raise ValueError(f"`wandb_every` must be > 0 seconds or None, got {wandb_every!r}")
         self.wandb_every = wandb_every
-        self.rows,self.stats,self.n_runs = _Rows(self.max_rows),{},0
+        self.rows,self.stats,self.n_runs,self.ranks = _Rows(self.max_rows),{},0,{}
         self._init_state()
 
     def _init_state(self):
@@ -146,6 +147,7 @@ def _before_fit(self:BatchTimer):
     if self._skip: return
     if self._head not in self.learn.cbs: self.learn.add_cb(self._head)
     self.n_runs += 1; self._trained = False; self._log = None
+    if rank_world()[1] > 1: fix_distributed_dl()
     device = device_clock(self.clock, self.learn.model, self._device)
     if self._device not in (None, device): self._device.drain(wait=True)   # the last run's device times, before its clock goes
     self._device = device
@@ -154,7 +156,7 @@ def _before_fit(self:BatchTimer):
 def _before_train(self:BatchTimer):
     if self._skip: return
     self._cur_split,self._trained = 'train',True
-    if self._log is None and self.wandb_every is not None and getattr(sys.modules.get('wandb'), 'run', None) is not None:
+    if self._log is None and self.wandb_every is not None and getattr(sys.modules.get('wandb'), 'run', None) is not None and rank_world()[0] == 0:
         from fastai_order.wandb import TimingLog
         self._log = TimingLog(self.learn, self.wandb_every)
 
@@ -167,6 +169,7 @@ def _before_validate(self:BatchTimer):
 def _after_epoch(self:BatchTimer):
     if self._skip: return
     self._resolve()
+    self._gather()
     if self._log: self._log.log()
 
 @patch
@@ -223,6 +226,11 @@ def _resolve(self:BatchTimer, wait=False):
     "Fill in the device times of finished batches whose events have completed (all of them, waiting once, if `wait`)"
     if self._device: self._device.drain(wait)
 
+@patch
+def _gather(self:BatchTimer):
+    "With several ranks, every rank's aggregates by rank (count, samples, sums, sums of squares per clock and split); on every rank at each epoch's end"
+    if rank_world()[1] > 1: self.ranks = dict(enumerate(gather_ranks({k: (s.n, s.bs, s.s, s.s2) for k, s in self.stats.items()})))
+
 # %% ../nbs/03_timing.ipynb #ac857297
 @patch(as_prop=True)
 def df(self:BatchTimer):
@@ -238,6 +246,18 @@ def df(self:BatchTimer):
     return df.drop(columns=[c for c in t if c.startswith('device_') and df[c].isna().all()])
 
 # %% ../nbs/03_timing.ipynb #16ac9cf0
+def _with_ranks(res, ranks, clock):
+    "`res` with each rank's mean ms, their mean over every batch of every rank, and the slowest rank and its mean, per split and phase"
+    cols = list(PHASES) + ['total']
+    def mean(stats, split, phase):
+        n, _, s, _ = stats.get((clock, split), (0, 0, None, None))
+        return s[cols.index(phase)] / n / 1e6 if n else np.nan
+    per_rank = pd.DataFrame({f'rank{r}_ms': [mean(st, *k) for k in res.index] for r, st in sorted(ranks.items())}, index=res.index)
+    n = pd.Series([sum(st.get((clock, s), (0,))[0] for st in ranks.values()) for s, _ in res.index], index=res.index)
+    total = sum(per_rank[f'rank{r}_ms'].fillna(0) * [st.get((clock, s), (0,))[0] for s, _ in res.index] for r, st in ranks.items())
+    slowest = per_rank.idxmax(axis=1)
+    return res.assign(**per_rank, ranks_mean_ms=total / n, slowest_rank=slowest.str[4:-3].astype(int), slowest_ms=per_rank.max(axis=1))
+
 def _summary_rows(split, n, s, s2, q, bs):
     "Summary rows for one split from count `n`, sums `s`, sums of squares `s2`, quantiles `q` (ns) and samples `bs`"
     mean = s / n
@@ -283,6 +303,7 @@ def summary(self:BatchTimer,
     if not parts: raise ValueError(f"BatchTimer has no {clock} times after warmup={warmup}: fit, validate or get_preds first")
     res = pd.concat(parts).set_index(['split', 'phase'])
     res = res[res.index.get_level_values('phase').isin(phases)]
+    if len(self.ranks) > 1 and warmup == self.warmup: res = _with_ranks(res, self.ranks, clock)
     res.attrs['clock'] = clock
     return res
 
