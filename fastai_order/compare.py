@@ -17,6 +17,7 @@ from .report import Comparison
 from .data import data_folder
 from .wandb import check_wandb_login
 from .schedulers import scheduler_config
+from .distributed import join_ranks, rank0_first, rank_world
 from .cli import cli_errors, check_int, check_choice
 
 # %% auto #0
@@ -51,11 +52,13 @@ def compare_orders(orders=('resnet', 'bn_after', 'pool_before_bn'), config:RunCo
     folder.check(config)
     for cfg in grid: folder.read(cfg)   # a damaged run file stops here
     if config.wandb: check_wandb_login()
-    data_folder(config.data)   # a failed download stops here
+    join_ranks()   # a data-parallel comparison (started by torchrun on every rank): their process group
+    rank0_first(lambda: data_folder(config.data))   # a failed download stops here, on every rank
     realised = list(dict.fromkeys(c.order for c in comparison_plan(orders, config, 1)))
     for order in realised: check_builds(config.replace(order=order))
-    folder.create(config)
     group = experiment or folder.path.resolve().name
+    if rank_world()[0]: train_grid(folder, grid, group, engine); return None   # the other ranks follow rank 0, which reports
+    folder.create(config)
     trained = train_grid(folder, grid, group, engine)
     records = [r for r in map(folder.read, comparison_plan(orders, config, seeds)) if r is not None]
     res = Comparison(runs_table(records), realised, config=config.key)
@@ -138,6 +141,7 @@ def compare_cli(
         if ray: engine = RayEngine(address, cpus_per_run, gpus_per_run)
         if dry_run: return _dry_run(orders, config, seeds, out, only)
         res = compare_orders(orders, config, seeds, out, only, engine=engine)
+        if res is None: return   # a rank other than 0 of a data-parallel comparison
     print(res.table())
     if not only: print(f"\nreport and figures: {Path(out)/'report.md'}")
     return res

@@ -6,12 +6,13 @@ Docs: https://fastai-order.github.io/fastai_order/distributed.html.md"""
 
 # %% ../nbs/00d_distributed.ipynb #15974448
 from __future__ import annotations
-import inspect, sys
+import inspect, os, sys
 import torch, torch.distributed as dist
 from torch import nn
 
 # %% auto #0
-__all__ = ['PARALLEL_WRAPPERS', 'rank_world', 'gather_ranks', 'fix_distributed_dl', 'check_unwrapped']
+__all__ = ['PARALLEL_WRAPPERS', 'rank_world', 'gather_ranks', 'broadcast_from_rank0', 'launched_ranks', 'join_ranks',
+           'rank0_first', 'fix_distributed_dl', 'check_unwrapped']
 
 # %% ../nbs/00d_distributed.ipynb #ccfa2088
 def rank_world() -> tuple:
@@ -21,15 +22,48 @@ def rank_world() -> tuple:
 
 _GROUPS = {}   # the default group → its CPU group
 
-def gather_ranks(obj) -> list:
-    "Every rank's `obj`, by rank, through a gloo group (no device synchronization); every rank must call it at the same point"
-    rank, world = rank_world()
-    if world == 1: return [obj]
+def _cpu_group():
+    "A gloo group of every rank: the default group if it is gloo, else one made once (on every rank at the same point)"
     key = dist.group.WORLD
     if key not in _GROUPS: _GROUPS[key] = key if dist.get_backend() == 'gloo' else dist.new_group(backend='gloo')
-    out = [None] * world
-    dist.all_gather_object(out, obj, group=_GROUPS[key])
+    return _GROUPS[key]
+
+def gather_ranks(obj) -> list:
+    "Every rank's `obj`, by rank, through a gloo group (no device synchronization); every rank must call it at the same point"
+    if rank_world()[1] == 1: return [obj]
+    out = [None] * rank_world()[1]
+    dist.all_gather_object(out, obj, group=_cpu_group())
     return out
+
+def broadcast_from_rank0(obj):
+    "Rank 0's `obj` on every rank, through a gloo group; every rank must call it at the same point"
+    if rank_world()[1] == 1: return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_cpu_group())
+    return box[0]
+
+# %% ../nbs/00d_distributed.ipynb #8038e173
+def launched_ranks() -> int:
+    "How many ranks the launcher (`torchrun`, `accelerate launch`) started this process among: its WORLD_SIZE; 1 without one"
+    return max(1, int(os.environ.get('WORLD_SIZE', 1)))
+
+def join_ranks():
+    "Join the launcher's process group, as fastai's `distrib_ctx` would (Accelerate; gloo without CUDA), unless there is one or no launcher"
+    if launched_ranks() == 1 or (dist.is_available() and dist.is_initialized()): return
+    try: from accelerate import PartialState
+    except ImportError: raise ValueError("Data-parallel runs need Accelerate, as fastai's distrib_ctx does: pip install accelerate") from None
+    PartialState(cpu=not torch.cuda.is_available())
+
+def rank0_first(fn):
+    "`fn()` on rank 0, then on the other ranks (a download, say); an error on rank 0 is raised on every rank, so none waits forever"
+    if rank_world()[1] == 1: return fn()
+    if rank_world()[0] == 0:
+        try: res = fn()
+        except Exception as e: broadcast_from_rank0(f"{type(e).__name__}: {e}"); raise
+        broadcast_from_rank0(None); return res
+    err = broadcast_from_rank0(None)
+    if err: raise RuntimeError(f"rank 0 stopped: {err}")
+    return fn()
 
 # %% ../nbs/00d_distributed.ipynb #75665d68
 def _broadcast(self, t, rank):

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 import pandas as pd
 from filelock import FileLock, Timeout
-from .run import RunConfig, RESULT_TYPES, CONTEXT_TYPES
+from .run import RunConfig, RESULT_TYPES, CONTEXT_TYPES, LATER_SETTINGS
 
 # %% auto #0
 __all__ = ['BadRun', 'check_record', 'RunsFolder', 'runs_table']
@@ -30,7 +30,7 @@ def check_record(record, cfg:RunConfig) -> dict:
     if not isinstance(record, dict) or not all(isinstance(record.get(k), dict) for k in ('config', 'results', 'context')):
         raise BadRun("not a run record: it needs 'config', 'results' and 'context'")
     want, got = asdict(cfg), record['config']
-    diff = [f"{k}: {got.get(k)!r} in the file, {v!r} here" for k, v in want.items() if k != 'wandb' and got.get(k) != v]
+    diff = [f"{k}: {got.get(k)!r} in the file, {v!r} here" for k, v in want.items() if k != 'wandb' and got.get(k, LATER_SETTINGS.get(k)) != v]
     if diff: raise BadRun(f"a run of another configuration ({'; '.join(diff)})")
     res = record['results']
     for part, types in (('results', RESULT_TYPES), ('context', CONTEXT_TYPES)):
@@ -65,7 +65,8 @@ class RunsFolder:
         if cfg_file.exists() and any((self.path/'runs').glob('*.json')):
             try: old = json.loads(cfg_file.read_text())
             except (ValueError, OSError) as e: raise ValueError(f"{str(cfg_file)!r} is not readable ({e}): delete it, or use another out folder") from None
-            diff = {k: (old.get(k), v) for k, v in cfg.key.items() if old.get(k) != v}
+            want, have = {**LATER_SETTINGS, **cfg.key}, {**LATER_SETTINGS, **old}   # a setting added later: its earlier value where missing
+            diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
             if diff: raise ValueError(f"{str(self.path)!r} holds runs of another configuration "
                                       f"({'; '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}): use another out folder")
         parent = next(p for p in [self.path, *self.path.parents] if p.exists())

@@ -6,7 +6,7 @@ Docs: https://fastai-order.github.io/fastai_order/run.html.md"""
 
 # %% ../nbs/06a_run.ipynb #7e7b8ba2
 from __future__ import annotations
-import ctypes, gc, math, os, platform, threading, time
+import contextlib, ctypes, gc, math, os, platform, threading, time
 from collections import Counter
 from dataclasses import dataclass, asdict, replace
 import psutil, torch, fastai
@@ -22,11 +22,12 @@ from .data import check_data, get_dls
 from .timing import BatchTimer, PHASES
 from .wandb import check_wandb_login, random_state_kept
 from .cli import check_choice, check_int
+from .distributed import launched_ranks, join_ranks, rank_world
 
 # %% auto #0
-__all__ = ['ARCHS', 'BACKENDS', 'PRECISIONS', 'POOLS', 'RESULT_TYPES', 'CONTEXT_TYPES', 'RunConfig', 'layer_orders',
-           'build_model', 'check_builds', 'run_learner', 'warm_up', 'PeakMemory', 'run_context', 'OtherLoad',
-           'train_run']
+__all__ = ['ARCHS', 'BACKENDS', 'PRECISIONS', 'POOLS', 'LATER_SETTINGS', 'RESULT_TYPES', 'CONTEXT_TYPES', 'RunConfig',
+           'layer_orders', 'build_model', 'check_builds', 'run_learner', 'warm_up', 'PeakMemory', 'run_context',
+           'OtherLoad', 'train_run']
 
 # %% ../nbs/06a_run.ipynb #cfb51ee5
 ARCHS = ('cnn', *XRESNET_ARCHS)
@@ -45,6 +46,8 @@ def _ops(arch, order, p):
     return ['conv', 'bn', 'act', 'pool', *(['drop'] if p else [])]
 
 # %% ../nbs/06a_run.ipynb #e3e0846f
+LATER_SETTINGS = dict(ranks=1)   # settings added after comparisons were first written, with the value their runs had
+
 @dataclass(frozen=True)
 class RunConfig:
     "Everything that makes a training run what it is, checked when made; `order` is the order the model realises"
@@ -63,6 +66,7 @@ class RunConfig:
     seed:int=0 # seed of the initial weights and of the data order
     workers:int|None=None # data loader workers (they draw the augmentations); `None`: min(8, CPUs)
     wandb:bool=False # log the run to W&B (it changes no result: see `fix_wandb_randomness`)
+    ranks:int|None=None # data-parallel ranks it trains on, `bs` images each; `None`: as many as the launcher started (`torchrun`, `accelerate launch`), else 1
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)
@@ -82,11 +86,13 @@ class RunConfig:
             f"precision {self.precision!r} needs CUDA: fastai's mixed precision autocasts on CUDA only, so here it would train in fp32; use 'fp32'")
         put('order', str(LayerOrder(self.order).fit(_ops(self.arch, self.order, self.p))))
         if not isinstance(self.wandb, bool): raise ValueError(f"`wandb` must be True or False, got {self.wandb!r}")
+        if self.ranks is None: put('ranks', launched_ranks())
+        check_int('ranks', self.ranks, 1)
 
     @property
     def key(self) -> dict:
         "What runs of one comparison share: everything but the order, the seed and the logging"
-        return {k: v for k, v in asdict(self).items() if k not in ('order', 'seed', 'wandb')}
+        return {k: v for k, v in asdict(self).items() if k not in ('order', 'seed', 'wandb') and LATER_SETTINGS.get(k, object()) != v}
 
     def replace(self, **changes) -> RunConfig:
         "This configuration with `changes`, checked again"
@@ -236,10 +242,27 @@ def _wandb_run(cfg, group, log_dir):
                      reinit='finish_previous', config=asdict(cfg))
     return run, [WandbCallback(log_preds=False, log_model=False, log_dataset=False)]
 
+def _data_parallel(learn, ranks):
+    "fastai's `distrib_ctx` on several ranks (SyncBatchNorm on GPUs only, where torch's runs), else nothing"
+    if ranks == 1: return contextlib.nullcontext()
+    import fastai.distributed   # Learner.distrib_ctx
+    return learn.distrib_ctx(sync_bn=torch.cuda.is_available())
+
+def _samples_per_s(timer, summary):
+    "Train images per second of the run: this process's, or on several ranks the sum of every rank's"
+    if not timer.ranks: return float(summary.samples_per_s['train', 'total'])
+    clock = summary.attrs['clock']
+    return float(sum(st[(clock, 'train')][1] / (st[(clock, 'train')][2][-1] / 1e9) for st in timer.ranks.values()))
+
 def train_run(cfg:RunConfig, group:str|None=None, log_dir=None) -> dict:
     "Train run `cfg` with `fit_one_cycle` under `BatchTimer` (and W&B, in `group`, if `cfg.wandb`) after `warm_up`; its record"
-    if cfg.wandb: check_wandb_login()
-    run, cbs = _wandb_run(cfg, group, log_dir) if cfg.wandb else (None, [])
+    if cfg.ranks != launched_ranks(): raise ValueError(
+        f"Run of {cfg.ranks} rank(s) launched on {launched_ranks()}: start it on every rank with `torchrun --nproc_per_node {cfg.ranks}` "
+        "(or accelerate launch), or without a launcher for one")
+    join_ranks()   # on several ranks: their process group, and this rank's GPU
+    logs = cfg.wandb and rank_world()[0] == 0   # one W&B run per run, from rank 0
+    if logs: check_wandb_login()
+    run, cbs = _wandb_run(cfg, group, log_dir) if logs else (None, [])
     timer = BatchTimer()
     try:
         with OtherLoad() as load:
@@ -247,19 +270,19 @@ def train_run(cfg:RunConfig, group:str|None=None, log_dir=None) -> dict:
             device = next(learn.model.parameters()).device
             with PeakMemory(device) as mem:
                 start = time.perf_counter()
-                learn.fit_one_cycle(cfg.epochs, cfg.lr)
+                with _data_parallel(learn, cfg.ranks): learn.fit_one_cycle(cfg.epochs, cfg.lr)
                 fit_s = time.perf_counter() - start
     except BaseException:
         if run: run.finish(exit_code=1)   # the W&B run shows as failed, not as running forever
         raise
     summary = timer.summary()   # on the device clock when the model is on CUDA
     context = {**run_context(device), 'clock': summary.attrs['clock'], 'other_load': load.share}
-    ms = summary.mean_ms
+    ms = summary.get('ranks_mean_ms', summary.mean_ms)   # on several ranks: over every rank's batches
     train_loss, valid_loss, acc = learn.recorder.values[-1][:3]
     results = dict(accuracy=float(acc), valid_loss=float(valid_loss), train_loss=float(train_loss),
                    train_ms=ms['train', 'total'], valid_ms=ms['valid', 'total'],
                    **{f'train_{p}_ms': ms['train', p] for p in PHASES}, **{f'valid_{p}_ms': ms['valid', p] for p in PHASES},
-                   samples_per_s=float(summary.samples_per_s['train', 'total']), params=sum(p.numel() for p in learn.model.parameters()),
+                   samples_per_s=_samples_per_s(timer, summary), params=sum(p.numel() for p in learn.model.parameters()),
                    peak_memory_mb=mem.mb, fit_s=fit_s, layer_orders=layer_orders(learn.model))
     record = dict(config=asdict(cfg), results=results, context=context)
     if run: run.summary.update({k: v for k, v in results.items() if k != 'layer_orders'}); run.finish()

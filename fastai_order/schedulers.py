@@ -22,7 +22,8 @@ PROGRAM = 'fastai-order-compare'
 def cli_args(orders:list, config:RunConfig, seeds:int, out) -> list:
     "`fastai-order-compare`'s options for this comparison: its orders, seeds, every setting of `config` and its out folder"
     args = ['--orders', ','.join(map(str, orders)), '--seeds', str(check_int('seeds', seeds, 1))]
-    for k, v in config.key.items(): args += [f'--{k}', str(v)]
+    for k, v in config.key.items():
+        if k != 'ranks': args += [f'--{k}', str(v)]   # the launcher's
     return args + (['--wandb'] if config.wandb else []) + ['--out', str(out)]
 
 # %% ../nbs/06e_schedulers.ipynb #f9553cc7

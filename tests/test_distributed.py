@@ -121,3 +121,41 @@ def test_ordered_and_swapped_models_survive_the_sync_batchnorm_conversion(build)
     assert any(r in ('bn', 'norm_act') for r in (module_role(m) for _, m in _timed_modules(synced)))
     report = swap_order(synced, 'resnet')   # and its order can still be swapped
     assert report.paths('rewritten') and report.complete and synced(x).shape == ref.shape
+
+
+GRID = textwrap.dedent('''
+    import os, sys
+    import fastai_order.engines as engines
+    from fastai_order.compare import compare_cli
+    if os.environ.get('DIE_AT') and os.environ['RANK'] == '1':   # rank 1 dies when the run DIE_AT starts
+        real, n = engines.train_run, [0]
+        def dies(*a, **k):
+            n[0] += 1
+            if n[0] == int(os.environ['DIE_AT']): os._exit(3)
+            return real(*a, **k)
+        engines.train_run = dies
+    sys.argv = ['fastai-order-compare', *sys.argv[1:]]
+    compare_cli()
+''')
+
+
+def test_a_data_parallel_comparison_survives_a_dead_rank_and_resumes(tiny_data, tmp_path):
+    (tmp_path/'grid.py').write_text(GRID)
+    out = tmp_path/'ddp'
+    args = ['--orders', 'resnet,bn_after', '--seeds', '2', '--data', tiny_data, '--epochs', '1', '--bs', '2', '--size', '16',
+            '--workers', '0', '--out', out]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(tmp_path/'grid.py'), *map(str, args)]
+    dead = subprocess.run(cmd, env={**os.environ, 'DIE_AT': '3'}, capture_output=True, text=True, timeout=600)
+    assert dead.returncode != 0 and 'exitcode  : 3' in dead.stderr
+    runs = sorted((out/'runs').glob('*.json'))
+    assert len(runs) == 2 and not list((out/'runs').glob('*.tmp'))   # the two finished runs, whole
+    stamps = {f: f.stat().st_mtime_ns for f in runs}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {f: f.stat().st_mtime_ns for f in runs} == stamps and len(list((out/'runs').glob('*.json'))) == 4   # only the missing ones
+    assert json.loads((out/'config.json').read_text())['ranks'] == 2
+    rec = json.loads(runs[0].read_text())
+    assert rec['config']['ranks'] == 2 and rec['results']['samples_per_s'] > 0 and (out/'report.md').exists()
+    assert done.stdout.count('report and figures') == 1   # rank 0 reports, once
+    alone = subprocess.run([str(Path(sys.executable).parent/'fastai-order-compare'), *map(str, args)], capture_output=True, text=True)
+    assert alone.returncode != 0 and 'ranks: 2 there, 1 now' in alone.stderr   # a single process cannot join a 2-rank comparison
