@@ -134,4 +134,7 @@ class TimingLog:
             wandb.run.summary[f'timing/{r.split}/{r.phase}_ms'] = r.mean_ms
             wandb.run.summary[f'timing/{r.split}/{r.phase}_pct'] = r.pct
             if r.phase == 'total': wandb.run.summary[f'timing/{r.split}/samples_per_s'] = r.samples_per_s
+            if 'slowest_ms' in s:   # data-parallel: the straggler of each phase
+                wandb.run.summary[f'timing/{r.split}/{r.phase}_slowest_ms'] = r.slowest_ms
+                wandb.run.summary[f'timing/{r.split}/{r.phase}_slowest_rank'] = int(r.slowest_rank)
         wandb.log({'timing/summary': wandb.Table(dataframe=s)}, step=self._step())

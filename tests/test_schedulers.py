@@ -85,3 +85,16 @@ def test_job_array_tasks_share_one_folder_and_a_killed_task_loses_nothing(tiny_d
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
     print(f"\nconcurrency: {len(procs) + 2} processes, {len(grid)} runs, {sum(r is not None for r in records)} results found, "
           f"0 files corrupted")
+
+
+def test_the_shipped_examples_are_what_the_command_prints():
+    "examples/ holds the README's Imagenette grid as a W&B sweep and a SLURM array: regenerated, they are unchanged"
+    from fastai_order.compare import compare_cli
+    import contextlib, io
+    root = Path(__file__).parent.parent/'examples'
+    args = dict(orders='resnet,bn_after,preact,pool_before_act,pool_before_bn', data='imagenette-160', arch='xresnet18', size=128, bs=64,
+                epochs=5, seeds=5, lr=8e-3, workers=8, out='/shared/imagenette_orders', wandb=True)
+    for name, extra in (('imagenette_orders.sweep.yaml', dict(scheduler='wandb')),
+                        ('imagenette_orders.sbatch', dict(scheduler='slurm', cpus_per_run=8, gpus_per_run=1))):
+        with contextlib.redirect_stdout(io.StringIO()) as o: compare_cli(**args, **extra)
+        assert o.getvalue() == (root/name).read_text(), name
