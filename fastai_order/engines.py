@@ -20,6 +20,7 @@ __all__ = ['ENGINES', 'LocalEngine', 'import_ray', 'RayEngine', 'get_engine', 't
 class LocalEngine:
     "Train each run in this process, one after another (the default engine)"
     name, parallel = 'local', False   # runs are claimed one at a time, so other processes share the grid; a failed run stops it
+    waiting = None   # nothing to do while a run held elsewhere is waited for
     def __enter__(self): return self
     def __exit__(self, *exc): pass
     def start(self, cfg:RunConfig, group:str|None, log_dir):
@@ -39,7 +40,7 @@ def import_ray():
 
 class RayEngine:
     "Train each run as a Ray task with `cpus_per_run` CPUs and `gpus_per_run` GPUs, on the Ray at `address`"
-    name, parallel = 'ray', True   # every run is claimed and started at once; a failed one is named at the end
+    name, parallel, waiting = 'ray', True, None   # every run is claimed and started at once; a failed one is named at the end
     def __init__(self,
         address:str|None=None, # a cluster's address ('auto': the one this machine belongs to, or 'ray://host:10001'); `None`: a running Ray, else a new local one
         cpus_per_run:float=1, # CPUs a run reserves (its data loader workers need them too)
@@ -81,6 +82,7 @@ class _Rank0Engine(LocalEngine):
     "Rank 0 of a data-parallel job: each run it starts is sent to the other ranks first, so that every rank trains it"
     name = 'ranks'
     def __exit__(self, *exc): broadcast_from_rank0(None)   # the other ranks stop following
+    def waiting(self): broadcast_from_rank0('wait')   # while a run held elsewhere is waited for: the others wait on, not time out
     def start(self, cfg, group, log_dir):
         broadcast_from_rank0(cfg)
         return super().start(cfg, group, log_dir)
@@ -88,7 +90,8 @@ class _Rank0Engine(LocalEngine):
 def _follow_rank0(group, log_dir) -> int:
     "On a rank other than 0: train every run rank 0 sends, until it sends `None`; how many"
     n = 0
-    while (cfg := broadcast_from_rank0(None)) is not None: train_run(cfg, group, log_dir); n += 1
+    while (cfg := broadcast_from_rank0(None)) is not None:
+        if cfg != 'wait': train_run(cfg, group, log_dir); n += 1
     return n
 
 # %% ../nbs/06d_engines.ipynb #d8e440df
@@ -121,7 +124,7 @@ def train_grid(folder:RunsFolder, grid:list, group:str|None=None, engine='local'
             running = {}
             try:
                 for cfg in runs:
-                    lock = folder.claim(cfg, wait)
+                    lock = folder.claim(cfg, wait, waiting=engine.waiting)
                     if lock is None: later.append(cfg); continue
                     if folder.read(cfg) is not None: lock.release(); tick(cfg, 'written by another process'); continue
                     running[engine.start(cfg, group, folder.path)] = cfg, lock

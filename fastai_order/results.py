@@ -85,12 +85,14 @@ class RunsFolder:
         "The folder's own lock, held while its configuration or report is written"
         return self._lock('folder')
 
-    def claim(self, cfg:RunConfig, wait=False) -> FileLock|None:
-        "The acquired lock of run `cfg` (release it when done), or `None` if another process holds it and not `wait`"
+    def claim(self, cfg:RunConfig, wait=False, every:float=30, waiting=None) -> FileLock|None:
+        "The acquired lock of run `cfg` (release it when done), or `None` if another process holds it and not `wait`; while it waits, `waiting()` every `every` s"
         lock = self._lock(self.run_file(cfg).stem)
-        try: lock.acquire(timeout=-1 if wait else 0)
-        except Timeout: return None
-        return lock
+        while True:
+            try: lock.acquire(timeout=every if wait and waiting else -1 if wait else 0); return lock
+            except Timeout:
+                if not wait: return None
+                waiting()
 
     def read(self, cfg:RunConfig) -> dict|None:
         "The checked record of run `cfg`, or `None` if it has not finished; `BadRun` names a file that cannot be counted"

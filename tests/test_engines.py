@@ -44,7 +44,7 @@ def test_a_ray_grid_survives_a_killed_worker_and_resumes(tiny_data, tmp_path):
 
 class FlakyEngine:
     "A parallel engine whose run `fail` ends in an error, as a Ray task's would"
-    name, parallel = 'flaky', True
+    name, parallel, waiting = 'flaky', True, None
     def __init__(self, fail): self.fail, self.started = fail, []
     def __enter__(self): return self
     def __exit__(self, *exc): pass
