@@ -1,4 +1,4 @@
-"""Ranks for the timers under fastai's `learn.distrib_ctx()`: which rank this is, one gather of every rank's figures through a CPU group of its own, and fastai's distributed data loader working on the CPU (gloo).
+"""Ranks under fastai's data-parallel training: which rank this is, a gather or a broadcast through a CPU group of its own, the launcher's process group joined for data-parallel runs, fastai's distributed data loader on the CPU (gloo), and wrapped models refused with what to do.
 
 Docs: https://fastai-order.github.io/fastai_order/distributed.html.md"""
 
