@@ -33,10 +33,10 @@ from .order import LayerOrder, list_presets
 from .layers import ordered_xresnet, ordered_cnn, XRESNET_ARCHS
 from .swap import swap_order
 from .optimize import optimize_order
-from .run import RunConfig, run_learner, ARCHS, PRECISIONS, BACKENDS
+from .run import RunConfig, run_learner, data_parallel, ARCHS, PRECISIONS, BACKENDS
 from .compare import compare_orders, comparison_plan
 from .engines import get_engine
-from .distributed import rank_world
+from .distributed import rank_world, launched_ranks
 from .timing import BatchTimer
 from .layer_timer import LayerTimer
 from .cli import cli_errors, check_choice, check_int
@@ -375,9 +375,8 @@ def engine_speedup(orders=('resnet', 'bn_after'), config:RunConfig|None=None, se
 # %% ../nbs/08_bench.ipynb #10d46824
 def ddp_fit(config:RunConfig, out):
     "One rank of a data-parallel fit of `config`'s run under fastai's `distrib_ctx`, with `BatchTimer` and `LayerTimer`; writes `out`/rank{r}.json"
-    import fastai.distributed   # Learner.distrib_ctx (needs accelerate)
     learn = run_learner(config, cbs=[BatchTimer(), LayerTimer()])
-    with learn.distrib_ctx(sync_bn=torch.cuda.is_available()):   # torch's SyncBatchNorm runs on GPUs only
+    with data_parallel(learn, launched_ranks()):
         rank, world = rank_world()
         start = time.perf_counter()
         learn.fit_one_cycle(config.epochs, config.lr)

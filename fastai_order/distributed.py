@@ -6,13 +6,14 @@ Docs: https://fastai-order.github.io/fastai_order/distributed.html.md"""
 
 # %% ../nbs/00d_distributed.ipynb #15974448
 from __future__ import annotations
-import inspect, os, sys
-import torch, torch.distributed as dist
+import inspect, sys
+import pandas as pd, torch, torch.distributed as dist
 from torch import nn
+from fastai.torch_core import num_distrib
 
 # %% auto #0
-__all__ = ['PARALLEL_WRAPPERS', 'rank_world', 'gather_ranks', 'broadcast_from_rank0', 'launched_ranks', 'join_ranks',
-           'rank0_first', 'fix_distributed_dl', 'check_unwrapped']
+__all__ = ['PARALLEL_WRAPPERS', 'rank_world', 'rank_columns', 'gather_ranks', 'broadcast_from_rank0', 'launched_ranks',
+           'join_ranks', 'rank0_first', 'fix_distributed_dl', 'check_unwrapped']
 
 # %% ../nbs/00d_distributed.ipynb #ccfa2088
 def rank_world() -> tuple:
@@ -27,6 +28,12 @@ def _cpu_group():
     key = dist.group.WORLD
     if key not in _GROUPS: _GROUPS[key] = key if dist.get_backend() == 'gloo' else dist.new_group(backend='gloo')
     return _GROUPS[key]
+
+def rank_columns(means:pd.DataFrame, counts:pd.DataFrame|None=None) -> pd.DataFrame:
+    "From each rank's mean ms (a column per rank number): `rank{r}_ms`, their mean (weighted by `counts`: each rank's batches), the slowest rank and its mean"
+    w = means.notna().astype(float) if counts is None else counts.where(means.notna(), 0)
+    return pd.DataFrame({**{f'rank{r}_ms': means[r] for r in means}, 'ranks_mean_ms': (means.fillna(0) * w).sum(axis=1) / w.sum(axis=1),
+                         'slowest_rank': means.idxmax(axis=1), 'slowest_ms': means.max(axis=1)}, index=means.index)
 
 def gather_ranks(obj) -> list:
     "Every rank's `obj`, by rank, through a gloo group (no device synchronization); every rank must call it at the same point"
@@ -44,8 +51,8 @@ def broadcast_from_rank0(obj):
 
 # %% ../nbs/00d_distributed.ipynb #8038e173
 def launched_ranks() -> int:
-    "How many ranks the launcher (`torchrun`, `accelerate launch`) started this process among: its WORLD_SIZE; 1 without one"
-    return max(1, int(os.environ.get('WORLD_SIZE', 1)))
+    "How many ranks the launcher (`torchrun`, `accelerate launch`) started this process among (fastai's `num_distrib`); 1 without one"
+    return max(1, num_distrib())
 
 def join_ranks():
     "Join the launcher's process group, as fastai's `distrib_ctx` would (Accelerate; gloo without CUDA), unless there is one or no launcher"

@@ -13,7 +13,7 @@ from .ops import module_role, ROLES as OP_ROLES
 from functools import partial
 from .timing import _PrivateState
 from .clock import Clock, HostClock, check_clock, device_clock
-from .distributed import rank_world, gather_ranks, fix_distributed_dl, PARALLEL_WRAPPERS
+from .distributed import rank_world, gather_ranks, fix_distributed_dl, rank_columns, PARALLEL_WRAPPERS
 from .cli import check_int, check_choice
 
 # %% auto #0
@@ -167,9 +167,8 @@ def summary(self:LayerTimer, split:str='train'):
     res = _by_role(self.ns, self.batches[split], self.paths, split)
     res['pct'] = 100 * res.total_ms / res.total_ms.sum()
     if len(self.ranks) < 2: return res
-    per_rank = pd.DataFrame({f'rank{r}_ms': _by_role(ns, b[split], self.paths, split).total_ms for r,(ns, b) in sorted(self.ranks.items()) if b.get(split)})
-    return res.assign(**per_rank, ranks_mean_ms=per_rank.mean(axis=1), slowest_rank=per_rank.idxmax(axis=1).str[4:-3].astype(int),
-                      slowest_ms=per_rank.max(axis=1))
+    means = pd.DataFrame({r: _by_role(ns, b[split], self.paths, split).total_ms for r,(ns, b) in sorted(self.ranks.items()) if b.get(split)})
+    return res.join(rank_columns(means))
 
 # %% ../nbs/03a_layer_timer.ipynb #e37a5211
 @patch

@@ -27,7 +27,7 @@ from .distributed import launched_ranks, join_ranks, rank_world
 # %% auto #0
 __all__ = ['ARCHS', 'BACKENDS', 'PRECISIONS', 'POOLS', 'LATER_SETTINGS', 'RESULT_TYPES', 'CONTEXT_TYPES', 'RunConfig',
            'layer_orders', 'build_model', 'check_builds', 'run_learner', 'warm_up', 'PeakMemory', 'run_context',
-           'OtherLoad', 'train_run']
+           'OtherLoad', 'data_parallel', 'train_run']
 
 # %% ../nbs/06a_run.ipynb #cfb51ee5
 ARCHS = ('cnn', *XRESNET_ARCHS)
@@ -242,17 +242,11 @@ def _wandb_run(cfg, group, log_dir):
                      reinit='finish_previous', config=asdict(cfg))
     return run, [WandbCallback(log_preds=False, log_model=False, log_dataset=False)]
 
-def _data_parallel(learn, ranks):
-    "fastai's `distrib_ctx` on several ranks (SyncBatchNorm on GPUs only, where torch's runs), else nothing"
+def data_parallel(learn:Learner, ranks:int):
+    "fastai's `distrib_ctx` for a fit on several `ranks` (SyncBatchNorm on GPUs only, where torch's runs), else nothing"
     if ranks == 1: return contextlib.nullcontext()
     import fastai.distributed   # Learner.distrib_ctx
     return learn.distrib_ctx(sync_bn=torch.cuda.is_available())
-
-def _samples_per_s(timer, summary):
-    "Train images per second of the run: this process's, or on several ranks the sum of every rank's"
-    if not timer.ranks: return float(summary.samples_per_s['train', 'total'])
-    clock = summary.attrs['clock']
-    return float(sum(st[(clock, 'train')][1] / (st[(clock, 'train')][2][-1] / 1e9) for st in timer.ranks.values()))
 
 def train_run(cfg:RunConfig, group:str|None=None, log_dir=None) -> dict:
     "Train run `cfg` with `fit_one_cycle` under `BatchTimer` (and W&B, in `group`, if `cfg.wandb`) after `warm_up`; its record"
@@ -270,7 +264,7 @@ def train_run(cfg:RunConfig, group:str|None=None, log_dir=None) -> dict:
             device = next(learn.model.parameters()).device
             with PeakMemory(device) as mem:
                 start = time.perf_counter()
-                with _data_parallel(learn, cfg.ranks): learn.fit_one_cycle(cfg.epochs, cfg.lr)
+                with data_parallel(learn, cfg.ranks): learn.fit_one_cycle(cfg.epochs, cfg.lr)
                 fit_s = time.perf_counter() - start
     except BaseException:
         if run: run.finish(exit_code=1)   # the W&B run shows as failed, not as running forever
@@ -282,7 +276,8 @@ def train_run(cfg:RunConfig, group:str|None=None, log_dir=None) -> dict:
     results = dict(accuracy=float(acc), valid_loss=float(valid_loss), train_loss=float(train_loss),
                    train_ms=ms['train', 'total'], valid_ms=ms['valid', 'total'],
                    **{f'train_{p}_ms': ms['train', p] for p in PHASES}, **{f'valid_{p}_ms': ms['valid', p] for p in PHASES},
-                   samples_per_s=_samples_per_s(timer, summary), params=sum(p.numel() for p in learn.model.parameters()),
+                   samples_per_s=float(summary.get('ranks_samples_per_s', summary.samples_per_s)['train', 'total']),   # every rank's together
+                   params=sum(p.numel() for p in learn.model.parameters()),
                    peak_memory_mb=mem.mb, fit_s=fit_s, layer_orders=layer_orders(learn.model))
     record = dict(config=asdict(cfg), results=results, context=context)
     if run: run.summary.update({k: v for k, v in results.items() if k != 'layer_orders'}); run.finish()

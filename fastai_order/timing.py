@@ -15,7 +15,7 @@ from fastai.callback.core import Callback
 from fastai.torch_core import find_bs
 from .cli import check_int, check_choice
 from .clock import Clock, CudaClock, check_clock, device_clock
-from .distributed import rank_world, gather_ranks, fix_distributed_dl
+from .distributed import rank_world, gather_ranks, fix_distributed_dl, rank_columns
 
 # %% auto #0
 __all__ = ['PHASES', 'SPLITS', 'OUTCOMES', 'PHASE_COLORS', 'phase_times', 'BatchTimer']
@@ -247,16 +247,14 @@ def df(self:BatchTimer):
 
 # %% ../nbs/03_timing.ipynb #16ac9cf0
 def _with_ranks(res, ranks, clock):
-    "`res` with each rank's mean ms, their mean over every batch of every rank, and the slowest rank and its mean, per split and phase"
-    cols = list(PHASES) + ['total']
-    def mean(stats, split, phase):
-        n, _, s, _ = stats.get((clock, split), (0, 0, None, None))
-        return s[cols.index(phase)] / n / 1e6 if n else np.nan
-    per_rank = pd.DataFrame({f'rank{r}_ms': [mean(st, *k) for k in res.index] for r, st in sorted(ranks.items())}, index=res.index)
-    n = pd.Series([sum(st.get((clock, s), (0,))[0] for st in ranks.values()) for s, _ in res.index], index=res.index)
-    total = sum(per_rank[f'rank{r}_ms'].fillna(0) * [st.get((clock, s), (0,))[0] for s, _ in res.index] for r, st in ranks.items())
-    slowest = per_rank.idxmax(axis=1)
-    return res.assign(**per_rank, ranks_mean_ms=total / n, slowest_rank=slowest.str[4:-3].astype(int), slowest_ms=per_rank.max(axis=1))
+    "`res` with `rank_columns` per split and phase, and the samples/s of every rank together"
+    j = {p: i for i, p in enumerate([*PHASES, 'total'])}
+    agg = {r: [st.get((clock, split)) for split, _ in res.index] for r, st in sorted(ranks.items())}   # (n, samples, sums, sums of squares)
+    means = pd.DataFrame({r: [a[2][j[p]] / a[0] / 1e6 if a else np.nan for a, (_, p) in zip(v, res.index)] for r, v in agg.items()}, index=res.index)
+    counts = pd.DataFrame({r: [a[0] if a else 0 for a in v] for r, v in agg.items()}, index=res.index)
+    job = [sum(a[1] / (a[2][-1] / 1e9) for a in (v[i] for v in agg.values()) if a) if p == 'total' else np.nan
+           for i, (_, p) in enumerate(res.index)]
+    return res.join(rank_columns(means, counts)).assign(ranks_samples_per_s=job)
 
 def _summary_rows(split, n, s, s2, q, bs):
     "Summary rows for one split from count `n`, sums `s`, sums of squares `s2`, quantiles `q` (ns) and samples `bs`"
