@@ -17,7 +17,7 @@ from .report import Comparison
 from .data import data_folder
 from .wandb import check_wandb_login
 from .schedulers import scheduler_config
-from .distributed import join_ranks, rank0_first, rank_world
+from .distributed import join_ranks, first_on_rank0, rank_world
 from .cli import cli_errors, check_int, check_choice
 
 # %% auto #0
@@ -53,7 +53,7 @@ def compare_orders(orders=('resnet', 'bn_after', 'pool_before_bn'), config:RunCo
     for cfg in grid: folder.read(cfg)   # a damaged run file stops here
     if config.wandb: check_wandb_login()
     join_ranks()   # a data-parallel comparison (started by torchrun on every rank): their process group
-    rank0_first(lambda: data_folder(config.data))   # a failed download stops here, on every rank
+    first_on_rank0(lambda: data_folder(config.data))   # a failed download stops here, on every rank
     realised = list(dict.fromkeys(c.order for c in comparison_plan(orders, config, 1)))
     for order in realised: check_builds(config.replace(order=order))
     group = experiment or folder.path.resolve().name

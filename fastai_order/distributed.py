@@ -13,7 +13,7 @@ from fastai.torch_core import num_distrib
 
 # %% auto #0
 __all__ = ['PARALLEL_WRAPPERS', 'rank_world', 'rank_columns', 'gather_ranks', 'broadcast_from_rank0', 'launched_ranks',
-           'join_ranks', 'rank0_first', 'fix_distributed_dl', 'check_unwrapped']
+           'join_ranks', 'first_on_rank0', 'fix_distributed_dl', 'check_unwrapped']
 
 # %% ../nbs/00d_distributed.ipynb #ccfa2088
 def rank_world() -> tuple:
@@ -61,8 +61,8 @@ def join_ranks():
     except ImportError: raise ValueError("Data-parallel runs need Accelerate, as fastai's distrib_ctx does: pip install accelerate") from None
     PartialState(cpu=not torch.cuda.is_available())
 
-def rank0_first(fn):
-    "`fn()` on rank 0, then on the other ranks (a download, say); an error on rank 0 is raised on every rank, so none waits forever"
+def first_on_rank0(fn):
+    "`fn()` on rank 0, then on the other ranks (a download, say); unlike fastai's `rank0_first`, an error on rank 0 is raised on every rank, so none waits forever"
     if rank_world()[1] == 1: return fn()
     if rank_world()[0] == 0:
         try: res = fn()

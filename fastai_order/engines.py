@@ -6,9 +6,7 @@ Docs: https://fastai-order.github.io/fastai_order/engines.html.md"""
 
 # %% ../nbs/06d_engines.ipynb #0b051828
 from __future__ import annotations
-import logging, tempfile
-from pathlib import Path
-from filelock import FileLock
+import logging
 from fastprogress.fastprogress import progress_bar
 from .run import RunConfig, train_run
 from .results import RunsFolder
@@ -64,9 +62,7 @@ class RayEngine:
         "Submit run `cfg` as a Ray task (connecting to Ray, or starting a local one, at the first run); its handle"
         if self._task is None:
             self._started = not self._ray.is_initialized()
-            if self._started:
-                with FileLock(Path(tempfile.gettempdir())/'fastai_order_ray_start.lock'):   # local Rays started at once on a machine collide
-                    self._ray.init(address=self.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            if self._started: self._ray.init(address=self.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
             self._task = self._ray.remote(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run, max_retries=self.retries)(train_run)
         ref = self._task.remote(cfg, group, str(log_dir))
         self._pending.add(ref)
