@@ -2,8 +2,8 @@
 import contextlib
 import pytest, torch
 from torch import nn
-import fastai_order.bench as fb
-from fastai_order.bench import BenchSetting, bench, timing_bench, optimize_bench
+import fastai_order.tools.bench as fb
+from fastai_order.tools.bench import BenchSetting, bench, overhead_bench, optimize_bench
 
 CL = torch.channels_last
 ORDERS = 'conv-bn-act-pool,conv-pool-bn-act,conv-bn-pool-act'
@@ -72,7 +72,7 @@ def test_optimize_bf16_runs_the_timed_forwards_in_bf16():
 
 def test_timing_fits_in_channels_last_and_bf16(capsys):
     with conv_calls() as calls:
-        timing_bench(bs=4, size=32, batches=2, repeats=1, orders='resnet', device='cpu', precision='bf16', channels_last=True)
+        overhead_bench(bs=4, size=32, batches=2, repeats=1, orders='resnet', device='cpu', precision='bf16', channels_last=True)
     assert calls and all(d == torch.bfloat16 and cl for d, cl in calls)
     assert 'cpu, bf16+channels_last' in capsys.readouterr().out
 
@@ -84,7 +84,7 @@ def test_timing_fits_in_channels_last_and_bf16(capsys):
     (bench, dict(settings='bf16+fp16'), "fastai-order-bench: Setting 'bf16+fp16' names 2 precisions"),
     (bench, dict(settings='fp32,fp32'), "fastai-order-bench: Settings 'fp32,fp32' name one setting twice"),
     (bench, dict(arch='cnn', orders='resnet,conv-bn-act-pool'), "fastai-order-bench: Orders 'resnet' and 'conv-bn-act-pool' build the same model (cnn conv-bn-act-pool)"),
-    (timing_bench, dict(runner=True, precision='bf16', device='cpu'), "fastai-order-timing: --runner times the runs"),
+    (overhead_bench, dict(runner=True, precision='bf16', device='cpu'), "fastai-order-overhead: --runner times the runs"),
     (optimize_bench, dict(precision='int8'), "fastai-order-optimize: Unknown precision 'int8'"),
 ])
 def test_a_bad_setting_stops_with_one_line(f, kw, msg):
@@ -93,7 +93,7 @@ def test_a_bad_setting_stops_with_one_line(f, kw, msg):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
-@pytest.mark.parametrize('f', [bench, timing_bench, optimize_bench])
+@pytest.mark.parametrize('f', [bench, overhead_bench, optimize_bench])
 def test_cuda_where_there_is_none_stops_with_one_line(f):
     with pytest.raises(SystemExit, match=r"^fastai-order-\w+: device 'cuda' is not available: torch sees no CUDA GPU here; use 'cpu'$"):
         f(device='cuda')

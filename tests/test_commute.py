@@ -2,8 +2,8 @@
 import torch, torch.nn as nn
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
-from fastai_order.ops import ACTIVATIONS, _resolve
-from fastai_order.commute import NAMES, MODES, commutes, equivalent_orders, _names
+from fastai_order.model.ops import ACTIVATIONS, _resolve
+from fastai_order.rewrite.commute import NAMES, MODES, commutes, equivalent_orders, _names
 
 ACTS = [a for a in map(_resolve, ACTIVATIONS) if a is not nn.Identity]
 

@@ -2,11 +2,11 @@
 import json
 import pandas as pd, pytest, torch, wandb
 
-import fastai_order.engines as engines
-import fastai_order.data as data
-from fastai_order.compare import compare_orders, compare_cli
-from fastai_order.run import RunConfig
-from fastai_order.results import RunsFolder
+import fastai_order.experiment.engines as engines
+import fastai_order.experiment.data as data
+from fastai_order.experiment.compare import compare_orders, compare_cli
+from fastai_order.experiment.run import RunConfig
+from fastai_order.experiment.results import RunsFolder
 from wandb_history import config as run_config
 
 TINY = dict(epochs=1, bs=4, size=16, workers=0)

@@ -2,8 +2,8 @@
 import numpy as np, pytest, torch
 from PIL import Image
 from fastai.data.external import fastai_cfg
-import fastai_order.data as data
-from fastai_order.data import get_dls, mnist_folder, DATASETS, data_recipe
+import fastai_order.experiment.data as data
+from fastai_order.experiment.data import get_dls, mnist_folder, DATASETS, data_recipe
 from conftest import imagenette_like, WNIDS
 
 @pytest.fixture

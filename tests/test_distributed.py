@@ -3,15 +3,15 @@ import json, os, subprocess, sys, textwrap
 from pathlib import Path
 import pandas as pd, pytest, torch
 from torch import nn
-from fastai_order.bench import ddp_launch
-from fastai_order.run import RunConfig
+from fastai_order.tools.bench import ddp_launch
+from fastai_order.experiment.run import RunConfig
 
 TINY = dict(epochs=2, bs=4, size=16, workers=0)
 SCRIPT = textwrap.dedent('''
     import json, sys, torch.distributed as dist, wandb
-    import fastai_order.wandb as fw
-    from fastai_order.bench import ddp_fit
-    from fastai_order.run import RunConfig
+    import fastai_order.timing.wandb as fw
+    from fastai_order.tools.bench import ddp_fit
+    from fastai_order.experiment.run import RunConfig
     out, cfg = sys.argv[1], RunConfig(**json.loads(sys.argv[2]))
     calls = dict(gathers=0, timing_logs=0)
     real_gather, real_log = dist.all_gather_object, fw.TimingLog.__init__
@@ -57,8 +57,8 @@ def test_timers_on_two_gloo_ranks_gather_once_per_epoch(tiny_data, tmp_path):
 DIES = textwrap.dedent('''
     import os, sys, torch.distributed as dist
     from fastai.callback.core import Callback
-    import fastai_order.bench as bench
-    from fastai_order.run import RunConfig, run_learner
+    import fastai_order.tools.bench as bench
+    from fastai_order.experiment.run import RunConfig, run_learner
     class Die(Callback):
         def after_batch(self):
             if dist.get_rank() == 1 and self.epoch == 1: os._exit(3)   # rank 1 dies in the second epoch
@@ -83,9 +83,9 @@ def test_one_process_ddp_fit_has_no_rank_columns(tiny_data, tmp_path):
 
 
 def test_swap_and_optimize_say_what_to_do_with_a_wrapped_model():
-    from fastai_order.swap import swap_order
-    from fastai_order.optimize import optimize_order
-    from fastai_order.layers import ordered_cnn
+    from fastai_order.rewrite.swap import swap_order
+    from fastai_order.rewrite.optimize import optimize_order
+    from fastai_order.model.layers import ordered_cnn
     model = ordered_cnn(3, 4, (8,))
     for fn in (swap_order, optimize_order):
         with pytest.raises(TypeError, match=rf"{fn.__name__} got a model wrapped in DataParallel.*call {fn.__name__} on the model inside \(`model.module`\) before wrapping it"):
@@ -95,10 +95,10 @@ def test_swap_and_optimize_say_what_to_do_with_a_wrapped_model():
 @pytest.mark.parametrize('build', ['xresnet', 'cnn', 'torchvision', 'timm', 'timm_norm_act'])
 def test_ordered_and_swapped_models_survive_the_sync_batchnorm_conversion(build):
     "fastai's distrib_ctx(sync_bn=True) converts every BatchNorm with torch's convert_sync_batchnorm: the model computes the same, and swaps again"
-    from fastai_order.layers import ordered_xresnet, ordered_cnn
-    from fastai_order.swap import swap_order
-    from fastai_order.ops import module_role, op_name
-    from fastai_order.layer_timer import _timed_modules
+    from fastai_order.model.layers import ordered_xresnet, ordered_cnn
+    from fastai_order.rewrite.swap import swap_order
+    from fastai_order.model.ops import module_role, op_name
+    from fastai_order.timing.layer_timer import _timed_modules
     torch.manual_seed(0)
     if build == 'xresnet': model = ordered_xresnet('xresnet18', 'bn_after', n_out=4)
     elif build == 'cnn': model = ordered_cnn(3, 4, (8, 16), order='pool_before_bn')
@@ -125,8 +125,8 @@ def test_ordered_and_swapped_models_survive_the_sync_batchnorm_conversion(build)
 
 GRID = textwrap.dedent('''
     import os, sys
-    import fastai_order.engines as engines
-    from fastai_order.compare import compare_cli
+    import fastai_order.experiment.engines as engines
+    from fastai_order.experiment.compare import compare_cli
     if os.environ.get('DIE_AT') and os.environ['RANK'] == '1':   # rank 1 dies when the run DIE_AT starts
         real, n = engines.train_run, [0]
         def dies(*a, **k):

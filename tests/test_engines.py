@@ -2,11 +2,11 @@
 import os, signal, subprocess, sys, time
 from pathlib import Path
 import psutil, pytest
-import fastai_order.engines as engines
-from fastai_order.compare import comparison_plan, compare_cli
-from fastai_order.engines import train_grid, get_engine
-from fastai_order.run import RunConfig, train_run
-from fastai_order.results import RunsFolder
+import fastai_order.experiment.engines as engines
+from fastai_order.experiment.compare import comparison_plan, compare_cli
+from fastai_order.experiment.engines import train_grid, get_engine
+from fastai_order.experiment.run import RunConfig, train_run
+from fastai_order.experiment.results import RunsFolder
 
 TINY = dict(epochs=1, bs=4, size=16, workers=0)
 BIN = Path(sys.executable).parent

@@ -3,8 +3,8 @@ from torch import nn
 import fastai.layers as fl
 import fastai.vision.models.xresnet as fxr
 from fastai.layers import ConvLayer, NormType
-from fastai_order.order import LayerOrder, PRESETS
-from fastai_order.layers import (OrderedConvLayer, ordered_xresnet, ordered_cnn, fastai_state_dict, block_roles,
+from fastai_order.model.order import LayerOrder, PRESETS
+from fastai_order.model.layers import (OrderedConvLayer, ordered_xresnet, ordered_cnn, fastai_state_dict, block_roles,
                                  XRESNET_ARCHS)
 
 SHAPES = {1: (2, 4, 9), 2: (2, 4, 9, 9), 3: (2, 4, 5, 5, 5)}
@@ -40,7 +40,7 @@ def test_identical_to_fastai(ndim, transpose, bn_1st, norm_type, act_cls):
     for n, p in ours.named_parameters(): assert torch.equal(p.grad, grads_fa[renames.get(n, n)]), n
 
 def _renames(ours):
-    from fastai_order.layers import _fastai_renames
+    from fastai_order.model.layers import _fastai_renames
     return _fastai_renames(ours, '', ours.order.bn_1st is not False)
 
 

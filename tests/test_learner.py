@@ -5,7 +5,7 @@ from fastai.data.core import Datasets
 from fastai.data.transforms import ItemGetter, IndexSplitter
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
-from fastai_order.layers import ordered_xresnet, ordered_cnn
+from fastai_order.model.layers import ordered_xresnet, ordered_cnn
 
 
 def dls(shape, n=32, c=3):

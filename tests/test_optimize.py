@@ -8,12 +8,12 @@ from fastai.layers import ConvLayer
 from fastai.learner import Learner
 from fastai.vision.models.xresnet import xresnet18
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-import fastai_order.optimize as opt
-from fastai_order.ops import ACTIVATIONS
-from fastai_order.commute import conditions_of
-from fastai_order.layers import ordered_cnn
-from fastai_order.optimize import optimize_order, plan_rewrites
-from fastai_order.bench import synthetic_dls, optimize_models
+import fastai_order.rewrite.optimize as opt
+from fastai_order.model.ops import ACTIVATIONS
+from fastai_order.rewrite.commute import conditions_of
+from fastai_order.model.layers import ordered_cnn
+from fastai_order.rewrite.optimize import optimize_order, plan_rewrites
+from fastai_order.tools.bench import synthetic_dls, optimize_models
 
 ACTS = [nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.Tanh, nn.SiLU, nn.Hardswish, nn.ReLU6, nn.Softplus]
 CONV, BN, POOL, DROP = (nn.Conv1d, nn.Conv2d, nn.Conv3d), (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), \
@@ -300,7 +300,7 @@ NEEDS_TENSOR = "`example` must be a tensor batch of inputs for `model` (N×C×L,
     (lambda m, l: l.optimize_order(channels_last=1.5), TypeError, "`channels_last` must be None, True or False, got 1.5"),
 ])
 def test_bad_arguments_are_named_before_anything_is_copied(monkeypatch, call, exc, msg):
-    import fastai_order.optimize as opt
+    import fastai_order.rewrite.optimize as opt
     m = ordered_cnn(3, 4, (8,), order='conv-bn-act-pool')
     learn = _learner(m)
     state, structure, optim = {k: v.clone() for k, v in m.state_dict().items()}, str(m), learn.opt
@@ -501,7 +501,7 @@ def test_memory_holds_at_most_three_copies_of_the_model(monkeypatch):
 def test_an_ill_conditioned_model_is_judged_against_its_own_rounding():
     "timm's LeViT amplifies rounding ~1e6×: its right rewrite was 2.8e-9 off in float64 and refused, or called wrong by the sweep"
     timm = pytest.importorskip('timm')
-    from fastai_order.zoo import calibrate_bn
+    from fastai_order.tools.zoo import calibrate_bn
     torch.manual_seed(0)
     model = calibrate_bn(timm.create_model('levit_conv_128s'), (3, 224, 224)).double()
     x = torch.randn(2, 2, 3, 224, 224, generator=torch.Generator().manual_seed(0))[1].double()   # the sweep's second batch
@@ -525,7 +525,7 @@ def test_rounding_sensitivity_leaves_the_weights_bit_for_bit():
 
 def test_a_swapped_torchvision_model_optimizes():
     "swap_order fixes torchvision ResNet's own forward to a graph; torch.fx traced the class's forward instead, and the rewrite was refused"
-    from fastai_order.swap import swap_order
+    from fastai_order.rewrite.swap import swap_order
     model = _calibrated(torchvision.models.resnet18())
     swap_order(model, 'bn_after')
     x = torch.randn(2, 3, 32, 32)
@@ -537,7 +537,7 @@ def test_a_swapped_torchvision_model_optimizes():
 def test_folds_under_forwards_of_several_inputs():
     "timm's DLA passes its blocks a shortcut and children, so their forwards cannot be fixed alone: 27 of its 37 BNs were left, fx fuse folds all"
     timm = pytest.importorskip('timm')
-    from fastai_order.zoo import bn_calls
+    from fastai_order.tools.zoo import bn_calls
     model = _calibrated(timm.create_model('dla34'))
     x = torch.randn(1, 3, 64, 64)
     r = optimize_order(model, 'eval', example=x, reps=0)
@@ -549,7 +549,7 @@ def test_folds_under_forwards_of_several_inputs():
 def test_channels_last_is_judged_against_the_originals_rounding_in_either_layout():
     "timm's skresnet18 on one thread (as in the zoo sweep) drifts 2.2e-6 in channels_last, more in the default layout: its rewrite in channels_last (1.1e-5) was refused"
     timm = pytest.importorskip('timm')
-    from fastai_order.zoo import calibrate_bn
+    from fastai_order.tools.zoo import calibrate_bn
     torch.manual_seed(0)
     model = calibrate_bn(timm.create_model('skresnet18'), (3, 224, 224))
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))

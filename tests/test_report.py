@@ -1,8 +1,8 @@
 "Statistics against known values and scipy, and a report that never shows an impossible interval."
 import json
 import numpy as np, pandas as pd, pytest, scipy.stats
-from fastai_order.report import mean_ci, gmean_ci, welch, welch_ratio, order_stats, Comparison
-from fastai_order.timing import PHASES
+from fastai_order.experiment.report import mean_ci, gmean_ci, welch, welch_ratio, order_stats, Comparison
+from fastai_order.timing.batch_timer import PHASES
 
 
 def test_student_t_interval_on_known_data():

@@ -1,14 +1,14 @@
 "Several processes writing into one results folder: every run trained once, nothing lost or corrupted, the same report."
 import re, subprocess, sys, textwrap
-from fastai_order.run import RunConfig
-from fastai_order.results import RunsFolder
-from fastai_order.compare import comparison_plan
+from fastai_order.experiment.run import RunConfig
+from fastai_order.experiment.results import RunsFolder
+from fastai_order.experiment.compare import comparison_plan
 
 WORKER = textwrap.dedent('''
     import sys, json
-    import fastai_order.engines as engines
-    import fastai_order.compare as compare
-    from fastai_order.run import RunConfig
+    import fastai_order.experiment.engines as engines
+    import fastai_order.experiment.compare as compare
+    from fastai_order.experiment.run import RunConfig
     real = engines.train_run
     def logged(cfg, *a):
         print('TRAINED', cfg.order, cfg.seed, flush=True)

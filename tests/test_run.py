@@ -4,8 +4,8 @@ import numpy as np, pytest, torch, wandb
 from fastai.callback.core import Callback
 from fastai.callback.wandb import WandbCallback
 from fastai.torch_core import find_bs
-from fastai_order.run import RunConfig, train_run, run_learner, build_model, layer_orders, warm_up
-from fastai_order.timing import BatchTimer
+from fastai_order.experiment.run import RunConfig, train_run, run_learner, build_model, layer_orders, warm_up
+from fastai_order.timing.batch_timer import BatchTimer
 
 TINY = dict(epochs=1, bs=4, size=16, workers=0)
 

@@ -2,10 +2,10 @@
 import json, os, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import yaml
-from fastai_order.compare import comparison_plan
-from fastai_order.run import RunConfig
-from fastai_order.results import RunsFolder
-from fastai_order.schedulers import scheduler_config, cli_args
+from fastai_order.experiment.compare import comparison_plan
+from fastai_order.experiment.run import RunConfig
+from fastai_order.experiment.results import RunsFolder
+from fastai_order.experiment.schedulers import scheduler_config, cli_args
 
 TINY = dict(epochs=1, bs=4, size=16, workers=0)
 BIN = Path(sys.executable).parent
@@ -89,7 +89,7 @@ def test_job_array_tasks_share_one_folder_and_a_killed_task_loses_nothing(tiny_d
 
 def test_the_shipped_examples_are_what_the_command_prints():
     "examples/ holds the README's Imagenette grid as a W&B sweep and a SLURM array: regenerated, they are unchanged"
-    from fastai_order.compare import compare_cli
+    from fastai_order.experiment.compare import compare_cli
     import contextlib, io
     root = Path(__file__).parent.parent/'examples'
     args = dict(orders='resnet,bn_after,preact,pool_before_act,pool_before_bn', data='imagenette-160', arch='xresnet18', size=128, bs=64,

@@ -8,9 +8,9 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.callback.schedule import *  # fit_one_cycle
 import torchvision
 from torchvision.ops.misc import Conv2dNormActivation
-from fastai_order.order import LayerOrder
-from fastai_order.layers import OrderedConvLayer, ordered_xresnet, ordered_cnn, block_roles
-from fastai_order.swap import swap_order, SwapReport
+from fastai_order.model.order import LayerOrder
+from fastai_order.model.layers import OrderedConvLayer, ordered_xresnet, ordered_cnn, block_roles
+from fastai_order.rewrite.swap import swap_order, SwapReport
 
 
 def tensors(m): return {id(t) for t in [*m.parameters(), *m.buffers()]}
@@ -128,7 +128,7 @@ def test_learner_swap_keeps_optimizer_state(tmp_path):
 
 
 from hypothesis import given, settings, strategies as st
-from fastai_order.order import OPS
+from fastai_order.model.order import OPS
 
 any_order = st.lists(st.sampled_from(OPS[1:]), unique=True).flatmap(
     lambda rest: st.permutations(['conv', *rest])).map(LayerOrder)
@@ -191,9 +191,9 @@ def test_learner_without_a_model_is_named(tmp_path):
 # torchvision and timm models, as vision_learner builds them
 import pickle, timm
 from fastai.vision.learner import vision_learner, create_head
-from fastai_order.swap import TracedForward
-from fastai_order.bench import synthetic_dls
-from fastai_order.layer_timer import LayerTimer
+from fastai_order.rewrite.swap import TracedForward
+from fastai_order.tools.bench import synthetic_dls
+from fastai_order.timing.layer_timer import LayerTimer
 
 
 def randomized(m):
@@ -405,7 +405,7 @@ def test_chains_across_module_borders_swap():
                                         ('dla34', 'level2.tree1.conv1'),   # DLA's blocks take a shortcut and children: swapped in the model's own trace
                                         ('xception41', 'blocks.0.stack.conv1.conv_pw')])   # an Identity between a child's BN and the parent's ReLU
 def test_timm_chains_across_borders(name, stem):
-    from fastai_order.zoo import chain_convs
+    from fastai_order.tools.zoo import chain_convs
     m = randomized(timm.create_model(name))
     chains, x = chain_convs(m), torch.randn(1, 3, 224, 224)
     y = m(x)

@@ -9,11 +9,11 @@ import fastai.callback.schedule  # Learner.lr_find
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.vision.models.xresnet import xresnet18
-from fastai_order.bench import synthetic_dls
-from fastai_order.layers import ordered_cnn
-from fastai_order.timing import BatchTimer, PHASES, _Stats
-from fastai_order.clock import CudaClock
-from fastai_order.layer_timer import LayerTimer, ROLES
+from fastai_order.tools.bench import synthetic_dls
+from fastai_order.model.layers import ordered_cnn
+from fastai_order.timing.batch_timer import BatchTimer, PHASES, _Stats
+from fastai_order.timing.clock import CudaClock
+from fastai_order.timing.layer_timer import LayerTimer, ROLES
 
 PH = [f'{p}_ms' for p in PHASES]
 

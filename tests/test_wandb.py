@@ -4,7 +4,7 @@ import pytest, wandb
 import fastai.callback.wandb as fastai_wandb
 from fastai.callback.wandb import WandbCallback
 from fastai_order import wandb as fo_wandb
-from fastai_order.timing import BatchTimer, PHASES
+from fastai_order.timing.batch_timer import BatchTimer, PHASES
 from wandb_history import history, config, summary
 from test_timing import learner, FakeGPU, fake_events
 
