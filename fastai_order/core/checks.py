@@ -12,7 +12,7 @@ from torch import nn
 from .distributed import check_unwrapped
 
 # %% auto #0
-__all__ = ['cli_errors', 'check_choice', 'check_int', 'check_number', 'check_module']
+__all__ = ['cli_errors', 'did_you_mean', 'check_choice', 'check_bool', 'check_int', 'check_number', 'check_module']
 
 # %% ../../nbs/core/00_checks.ipynb #b555b33a
 @contextmanager
@@ -23,22 +23,34 @@ def cli_errors(prog:str, on_interrupt:str='nothing was saved'):
     except KeyboardInterrupt: raise SystemExit(f"{prog}: interrupted; {on_interrupt}") from None
 
 # %% ../../nbs/core/00_checks.ipynb #6bfd4fa9
+def did_you_mean(v, allowed, cutoff:float=0.6) -> str:
+    "`\"did you mean 'x'? \"` for the value of `allowed` closest to `v`, or `''` when none is close"
+    close = difflib.get_close_matches(str(v), list(map(str, allowed)), n=1, cutoff=cutoff)
+    return f"did you mean {close[0]!r}? " if close else ''
+
 def check_choice(name:str, v, allowed):
     "`v` if it is one of `allowed`, else a `ValueError` naming it, the closest allowed value and all of them"
     if v in allowed: return v
-    close = difflib.get_close_matches(str(v), list(map(str, allowed)), n=1)
-    raise ValueError(f"Unknown {name} {v!r}: {f'did you mean {close[0]!r}? ' if close else ''}allowed: {', '.join(map(str, allowed))}")
+    raise ValueError(f"Unknown {name} {v!r}: {did_you_mean(v, allowed)}allowed: {', '.join(map(str, allowed))}")
+
+def check_bool(name:str, v, none_ok:bool=False):
+    "`v` if it is `True` or `False` (or `None` when `none_ok`), else a `TypeError` naming it"
+    if (none_ok and v is None) or v is True or v is False: return v
+    raise TypeError(f"`{name}` must be {'None, ' if none_ok else ''}True or False, got {v!r}")
 
 def check_int(name:str, v, lo:int=1, none_ok:bool=False):
-    "`v` as an `int` if it is an integer ≥ `lo` (or `None` when `none_ok`), else a `ValueError` naming it"
+    "`v` as an `int` if it is an integer ≥ `lo` (or `None` when `none_ok`): a `TypeError` naming it if it is no integer, a `ValueError` if it is too small"
     if none_ok and v is None: return v
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo: raise ValueError(f"`{name}` must be an integer ≥ {lo}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral): raise TypeError(f"`{name}` must be an integer ≥ {lo}, got {v!r}")
+    if v < lo: raise ValueError(f"`{name}` must be an integer ≥ {lo}, got {v!r}")
     return int(v)
 
 def check_number(name:str, v, lo:float=0, none_ok:bool=False):
-    "`v` if it is a real number ≥ `lo` (not NaN, or `None` when `none_ok`), else a `ValueError` naming it"
+    "`v` if it is a real number ≥ `lo` (or `None` when `none_ok`): a `TypeError` naming it if it is no number, a `ValueError` if it is NaN or too small"
     if none_ok and v is None: return v
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= lo: raise ValueError(f"`{name}` must be a number ≥ {lo}{' or None' * none_ok}, got {v!r}")
+    msg = f"`{name}` must be a number ≥ {lo}{' or None' * none_ok}, got {v!r}"
+    if isinstance(v, bool) or not isinstance(v, numbers.Real): raise TypeError(msg)
+    if not v >= lo: raise ValueError(msg)
     return v
 
 def check_module(model, fn:str, learner:bool=True):
