@@ -1,0 +1,1 @@
+"Where time goes: one clock, BatchTimer, LayerTimer, the paired-timing harness, W&B logging"
