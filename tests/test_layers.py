@@ -1,7 +1,8 @@
-import pytest, torch
+import inspect, pytest, torch
 from torch import nn
 import fastai.layers as fl
 import fastai.vision.models.xresnet as fxr
+import fastai.vision.gan as fgan
 from fastai.layers import ConvLayer, NormType
 from fastai_order.model.order import LayerOrder, PRESETS
 from fastai_order.model.layers import (OrderedConvLayer, ordered_xresnet, ordered_cnn, fastai_state_dict, block_roles,
@@ -36,12 +37,8 @@ def test_identical_to_fastai(ndim, transpose, bn_1st, norm_type, act_cls):
     assert torch.equal(ya, yo)
     (ya * g).sum().backward(); (yo * g).sum().backward()
     grads_fa = {n: p.grad for n, p in fa.named_parameters()}
-    renames = {v: k for k, v in _renames(ours).items()}
-    for n, p in ours.named_parameters(): assert torch.equal(p.grad, grads_fa[renames.get(n, n)]), n
-
-def _renames(ours):
-    from fastai_order.model.layers import _fastai_renames
-    return _fastai_renames(ours, '', ours.order.bn_1st is not False)
+    renames = dict(zip(ours.state_dict(), fastai_state_dict(ours)))   # role key → fastai key
+    for n, p in ours.named_parameters(): assert torch.equal(p.grad, grads_fa[renames[n]]), n
 
 
 def test_accepts_every_convlayer_argument():
@@ -51,6 +48,88 @@ def test_accepts_every_convlayer_argument():
     assert [type(m) for m in l] == [nn.ConvTranspose1d, nn.GELU, nn.InstanceNorm1d, nn.Identity]
     assert list(l._modules) == ['conv', 'act', 'bn', 'xtra'] and l.order == 'conv-act-bn'
     assert l.conv.bias is not None and float(l.conv.bias.detach().abs().sum()) == 0 and l.conv.groups == 2
+
+
+def test_fastais_parameters_first_in_fastais_order():
+    "fastai's parameters, in its order and with its defaults; then ours, keyword-only"
+    fa = list(inspect.signature(ConvLayer.__init__).parameters.values())
+    ours = list(inspect.signature(OrderedConvLayer.__init__).parameters.values())
+    n = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in fa)
+    assert [(p.name, p.kind, p.default) for p in ours[:n]] == [(p.name, p.kind, p.default) for p in fa[:n]]
+    assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in ours[n:])
+    assert {(p.name, p.default) for p in ours[n:]} >= {(p.name, p.default) for p in fa[n:]}  # and the conv's keywords
+    assert {'order', 'pool', 'pool_ks', 'p', 'drop_cls'} <= {p.name for p in ours[n:]}
+    with pytest.raises(TypeError): OrderedConvLayer(4, 8, 3, 1, None, None, 2, NormType.Batch, True, nn.ReLU, False, 'auto', None, 0.01, 'resnet')
+
+
+B, I, W, S = NormType.Batch, NormType.Instance, NormType.Weight, NormType.Spectral
+POSITIONAL = {  # fastai's ConvLayer(ni, nf, ks, stride, padding, bias, ndim, norm_type, bn_1st, act_cls, transpose, init, xtra, bias_std, **conv)
+    'defaults':  ((4, 8), {}),
+    'ks':        ((4, 8, 5), {}),
+    'stride':    ((4, 8, 3, 2), {}),
+    'padding':   ((4, 8, 3, 1, 0), {}),
+    'bias':      ((4, 8, 5, 2, 2, True), {}),
+    'ndim1':     ((4, 8, 3, 1, None, None, 1), {}),
+    'ndim3':     ((4, 8, 3, 2, None, None, 3), {}),
+    'norm_type': ((4, 8, 3, 2, None, None, 3, I), {}),
+    'bn_1st':    ((4, 8, 3, 1, None, None, 2, NormType.BatchZero, False), {}),
+    'act_cls':   ((4, 8, 3, 1, None, None, 2, B, True, nn.GELU), {}),
+    'no_norm_no_act': ((4, 8, 3, 1, 1, False, 1, None, True, None), {}),
+    'transpose': ((4, 8, 4, 2, 1, None, 2, B, True, nn.ReLU, True), {}),
+    'transpose1d_after': ((4, 8, 3, 2, None, None, 1, I, False, nn.PReLU, True), {}),
+    'init':      ((4, 8, 3, 1, None, None, 2, W, True, nn.ReLU, False, nn.init.kaiming_normal_), {}),
+    'xtra':      ((4, 8, 3, 1, None, None, 2, S, False, nn.LeakyReLU, False, 'auto', nn.Identity()), {}),
+    'bias_std':  ((4, 8, 3, 1, None, True, 2, None, True, nn.ReLU, False, 'auto', None, 0.), {}),
+    'dilation':  ((4, 8, 3, 1, 2), dict(dilation=2)),
+    'groups':    ((4, 8, 3), dict(groups=2)),
+    'padding_mode': ((4, 8, 3, 1, 1, None, 1), dict(padding_mode='reflect')),
+    'all':       ((4, 8, 3, 2, 2, True, 2, I, False, nn.SiLU, False, 'auto', nn.Dropout(0.), 0.5),
+                  dict(dilation=2, groups=4, padding_mode='circular')),
+}
+
+@pytest.mark.parametrize('case', POSITIONAL)
+def test_positional_calls_build_fastais_layer(case):
+    args, kw = POSITIONAL[case]
+    torch.manual_seed(0); fa = ConvLayer(*args, **kw)
+    torch.manual_seed(0); ours = OrderedConvLayer(*args, **kw)
+    assert [repr(m) for m in ours.children()] == [repr(m) for m in fa.children()]   # same modules, same order
+    sd = fastai_state_dict(ours)
+    assert list(sd) == list(fa.state_dict()) and all(torch.equal(v, fa.state_dict()[k]) for k, v in sd.items())
+    x = torch.randn(SHAPES[int(type(fa[0]).__name__[-2])])
+    assert torch.equal(ours(x), fa(x))
+
+
+def _leaves(m): return [repr(x) for x in m.modules() if not list(x.children())]
+def _kinds(m): return [ConvLayer if isinstance(x, OrderedConvLayer) else type(x) for x in m.modules()]
+
+FASTAI_BUILDERS = {
+    'basic_critic':    (lambda: fgan.basic_critic(32, 3, 8, n_extra_layers=1), (2, 3, 32, 32)),
+    'basic_generator': (lambda: fgan.basic_generator(32, 3, in_sz=16, n_features=8, n_extra_layers=1), (2, 16)),
+    'gan_critic':      (lambda: fgan.gan_critic(n_channels=3, nf=8, n_blocks=1), (2, 3, 32, 32)),
+    'SimpleCNN':       (lambda: fl.SimpleCNN([3, 8, 16, 4]), (2, 3, 32, 32)),
+    'ResBlock':        (lambda: fl.ResBlock(1, 8, 16, stride=2), (2, 8, 16, 16)),
+    'ResBlock_se_sa':  (lambda: fl.ResBlock(4, 8, 4, stride=2, reduction=4, sa=True, act_cls=nn.Mish), (2, 32, 8, 8)),
+    'PixelShuffle_ICNR': (lambda: fl.PixelShuffle_ICNR(8, 4), (2, 8, 6, 6)),
+    'PixelShuffle_ICNR_bn_blur': (lambda: fl.PixelShuffle_ICNR(8, 4, blur=True, norm_type=NormType.Batch), (2, 8, 6, 6)),
+}
+
+@pytest.mark.parametrize('name', FASTAI_BUILDERS)
+def test_fastais_builders_work_unchanged_with_it(name, monkeypatch):
+    "fastai's own builders, with OrderedConvLayer in place of ConvLayer, build fastai's model: same modules, weights, outputs"
+    build, shape = FASTAI_BUILDERS[name]
+    torch.manual_seed(0); fa = build()
+    for mod in (fl, fgan): monkeypatch.setattr(mod, 'ConvLayer', OrderedConvLayer)
+    torch.manual_seed(0); ours = build()
+    monkeypatch.undo()
+    assert any(isinstance(m, OrderedConvLayer) for m in ours.modules())
+    assert _kinds(ours) == _kinds(fa) and _leaves(ours) == _leaves(fa)
+    sd = fastai_state_dict(ours)
+    assert list(sd) == list(fa.state_dict()) and all(torch.equal(v, fa.state_dict()[k]) for k, v in sd.items())
+    assert list(sd._metadata) == list(fa.state_dict()._metadata)   # the modules' versions travel along
+    ours.load_state_dict(fa.state_dict()); fa.load_state_dict(sd)   # fastai's checkpoint loads into ours, and back
+    torch.manual_seed(1); x = torch.randn(shape)
+    torch.manual_seed(2); y = ours(x)   # the same draws for dropout (gan_critic's)
+    torch.manual_seed(2); assert torch.equal(y, fa(x))
 
 
 def test_drop_in_for_every_fastai_call(monkeypatch):

@@ -7,13 +7,13 @@ Docs: https://fastai-order.github.io/fastai_order/model/layers.html.md"""
 # %% ../../nbs/model/02_layers.ipynb #e09a4556
 from __future__ import annotations
 from collections import OrderedDict
-import difflib
 from torch import nn
 from fastcore.meta import delegates
-from fastai.layers import ConvLayer, MaxPool, AvgPool, AdaptiveAvgPool, Flatten
+from fastai.layers import ConvLayer, NormType, MaxPool, AvgPool, AdaptiveAvgPool, Flatten, defaults
 from fastai.vision.models import xresnet as fxr
 from .order import LayerOrder
 from .ops import module_role
+from ..core.checks import check_choice
 
 # %% auto #0
 __all__ = ['XRESNET_ARCHS', 'block_roles', 'OrderedConvLayer', 'fastai_state_dict', 'ordered_xresnet', 'ordered_cnn']
@@ -67,14 +67,15 @@ def _resize_norm(norm, n):
 class OrderedConvLayer(ConvLayer):
     "fastai's `ConvLayer` with conv, norm, activation, pooling and dropout in any `order`; children named by role"
     @delegates(ConvLayer)
-    def __init__(self, ni, nf, ks=3, stride=1, order=None, pool=None, pool_ks=2, p=0., drop_cls=nn.Dropout,
-                 bn_1st=True, ndim=2, xtra=None, **kwargs):
-        block = ConvLayer(ni, nf, ks=ks, stride=stride, bn_1st=bn_1st, ndim=ndim, **kwargs)
+    def __init__(self, ni, nf, ks=3, stride=1, padding=None, bias=None, ndim=2, norm_type=NormType.Batch, bn_1st=True,
+                 act_cls=defaults.activation, transpose=False, init='auto', xtra=None, bias_std=0.01, *,
+                 order=None, pool=None, pool_ks=2, p=0., drop_cls=nn.Dropout, **kwargs):
+        block = ConvLayer(ni, nf, ks, stride, padding, bias, ndim, norm_type, bn_1st, act_cls, transpose, init, None, bias_std, **kwargs)
         mods = {r: block._modules[k] for r,k in block_roles(block).items()}
         if pool is not None: mods['pool'] = _pool_module(pool, pool_ks, ndim)
         if p: mods['drop'] = drop_cls(p)
         order = LayerOrder.from_bn_1st(bn_1st).fit(mods) if order is None else _check_order(order, mods)
-        self._assemble(mods, order, xtra)
+        self._assemble(mods, order, xtra if xtra else None)   # fastai adds `xtra` only when it is truthy
 
     def _assemble(self, mods, order, xtra=None):
         if 'bn' in mods and order.index('bn') < order.index('conv'):
@@ -108,51 +109,45 @@ def _fastai_layout(layer, bn_1st):
     roles = [r for r in ('conv', *(('bn', 'act') if bn_1st else ('act', 'bn')), 'xtra') if r in layer._modules]
     return {r:i for i,r in enumerate(roles)}
 
-def _fastai_renames(layer, prefix, bn_1st):
-    "fastai key → role key, for the tensors of `layer`"
-    return {f'{prefix}{i}.{n}': f'{prefix}{r}.{n}'
-            for r,i in _fastai_layout(layer, bn_1st).items() for n in layer._modules[r].state_dict()}
-
 def _rename_fastai_keys(layer, sd, prefix):
-    "Rename, in place, the fastai `ConvLayer` keys of `layer` in `sd` to role keys"
-    keys = {k for k in sd if k.startswith(prefix) and k[len(prefix):].split('.', 1)[0].isdigit()}
+    "Rename, in place, the keys of `sd` that name `layer`'s children by their index in fastai's `ConvLayer` to role keys"
+    keys = [k for k in sd if k.startswith(prefix) and k[len(prefix):].split('.', 1)[0].isdigit()]
     if not keys: return
     for bn_1st in (True, False):
-        renames = _fastai_renames(layer, prefix, bn_1st)
-        if keys == set(renames):
-            for k in keys: sd[renames[k]] = sd.pop(k)
-            return
+        layout = {str(i):r for r,i in _fastai_layout(layer, bn_1st).items()}
+        own = {f'{i}.{n}' for i,r in layout.items() if r != 'xtra' for n in layer._modules[r].state_dict()}
+        heads = [k[len(prefix):].split('.', 1)[0] for k in keys]
+        if all(h in layout for h in heads) and own == {k[len(prefix):] for k,h in zip(keys, heads) if layout[h] != 'xtra'}:
+            for k,h in zip(keys, heads): sd[f'{prefix}{layout[h]}{k[len(prefix)+len(h):]}'] = sd.pop(k)
+            return   # an `OrderedConvLayer` inside `xtra` renames its own keys when it loads
 
 def fastai_state_dict(model, bn_1st=None):
     "`model.state_dict()` with every `OrderedConvLayer` keyed as fastai's `ConvLayer` with `bn_1st` (default: the layer's)"
-    renames = {}
-    for path, m in model.named_modules():
-        if isinstance(m, OrderedConvLayer):
-            b = m.order.bn_1st if bn_1st is None else bn_1st
-            renames.update({v:k for k,v in _fastai_renames(m, f'{path}.' if path else '', b is not False).items()})
-    return OrderedDict((renames.get(k, k), v) for k,v in model.state_dict().items())
+    layouts = {}
+    def fastai_key(key):
+        m, parts = model, key.split('.')
+        for j,part in enumerate(parts):
+            if isinstance(m, OrderedConvLayer) and part in m._modules:
+                if m not in layouts: layouts[m] = _fastai_layout(m, (m.order.bn_1st if bn_1st is None else bn_1st) is not False)
+                parts[j] = str(layouts[m].get(part, part))
+            m = getattr(m, '_modules', {}).get(part)
+        return '.'.join(parts)
+    sd = model.state_dict()
+    res = OrderedDict((fastai_key(k), v) for k,v in sd.items())
+    if hasattr(sd, '_metadata'): res._metadata = OrderedDict((fastai_key(k), v) for k,v in sd._metadata.items())  # versions per module
+    return res
 
 # %% ../../nbs/model/02_layers.ipynb #09d53e05
 XRESNET_ARCHS = tuple(n for n in fxr.__all__ if n.startswith('x'))
 
-def _check_arch(arch):
-    if arch not in XRESNET_ARCHS:
-        close = difflib.get_close_matches(str(arch), XRESNET_ARCHS, n=1)
-        raise ValueError(f"Unknown arch {arch!r}: {f'did you mean {close[0]!r}? ' if close else ''}"
-                         f"allowed: {', '.join(XRESNET_ARCHS)}")
-
-def _replace(model, path, new):
-    parent, _, name = path.rpartition('.')
-    setattr(model.get_submodule(parent), name, new)
-
 # %% ../../nbs/model/02_layers.ipynb #95b1ee01
 def ordered_xresnet(arch='xresnet18', order='resnet', **kwargs):
     "fastai's XResNet `arch` (any size) with every `ConvLayer`, the stem included, in `order`"
-    _check_arch(arch)
+    check_choice('arch', arch, XRESNET_ARCHS)
     order = LayerOrder(order)
     model = getattr(fxr, arch)(**kwargs)
     for path, m in list(model.named_modules()):
-        if isinstance(m, ConvLayer): _replace(model, path, OrderedConvLayer.from_convlayer(m, order))
+        if isinstance(m, ConvLayer): model.set_submodule(path, OrderedConvLayer.from_convlayer(m, order))
     if 'pool' in order:
         model[2] = OrderedConvLayer.from_convlayer(model[2], order, pool=model[3])
         model[3] = nn.Identity()
