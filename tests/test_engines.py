@@ -35,7 +35,7 @@ def test_a_ray_grid_survives_a_killed_worker_and_resumes(tiny_data, tmp_path):
     folder, grid = RunsFolder(out), comparison_plan(['resnet', 'bn_after'], cfg, seeds=2)
     assert all(folder.read(c) is not None for c in grid)   # Ray retried the killed run; every record checks
     assert all(folder.read(c)['context']['threads'] == 1 for c in grid)   # each task had its one CPU
-    assert (out/'report.md').exists() and not list((out/'runs').glob('*.tmp'))
+    assert (out/'report.md').exists() and not list((out/'runs').glob('*.tmp*'))
     lost = folder.run_file(grid[2]); lost.unlink()
     stamps = {f: f.stat().st_mtime_ns for f in (out/'runs').glob('*.json')}
     assert train_grid(folder, grid, engine='ray') == 1 and lost.exists()   # only the missing run trains

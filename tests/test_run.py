@@ -136,3 +136,9 @@ def test_a_run_records_where_its_times_come_from(tiny_data):
     assert ctx['threads'] == torch.get_num_threads() and ctx['torch_version'] == torch.__version__
     assert ctx['clock'] == ('device' if torch.cuda.is_available() else 'host')   # the clock BatchTimer's summary used
     assert 0 <= ctx['other_load'] <= 1 and ctx['cores'] >= 1 and ctx['cpu']
+
+
+@pytest.mark.parametrize('bad, msg', [(dict(lr='1e-3'), '`lr` must be a number > 0'), (dict(p=True), '`p` must be a dropout probability'),
+                                      (dict(wandb='yes'), "`wandb` must be True or False, got 'yes'"), (dict(epochs=1.5), '`epochs` must be an integer')])
+def test_a_wrong_type_is_a_type_error(bad, msg):
+    with pytest.raises(TypeError, match=re.escape(msg)): RunConfig(**bad)

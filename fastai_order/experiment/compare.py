@@ -6,6 +6,7 @@ Docs: https://fastai-order.github.io/fastai_order/experiment/compare.html.md"""
 
 # %% ../../nbs/experiment/06_compare.ipynb #32086e39
 from __future__ import annotations
+import inspect
 from pathlib import Path
 import pandas as pd
 from fastcore.script import call_parse, store_true
@@ -16,7 +17,7 @@ from .engines import RayEngine, get_engine, train_grid, ENGINES
 from .report import Comparison
 from .data import data_folder
 from ..timing.wandb import check_wandb_login
-from .schedulers import scheduler_config
+from .schedulers import scheduler_config, setting_flags
 from ..core.distributed import join_ranks, first_on_rank0, rank_world
 from ..core.checks import cli_errors, check_int, check_choice
 
@@ -24,44 +25,53 @@ from ..core.checks import cli_errors, check_int, check_choice
 __all__ = ['comparison_plan', 'compare_orders', 'compare_cli']
 
 # %% ../../nbs/experiment/06_compare.ipynb #3f6d9eb8
-def comparison_plan(orders, config:RunConfig|None=None, seeds:int=3, only:tuple|None=None) -> list:
-    "The `RunConfig` of each run of `orders` × `seeds` (or only the `(order, seed)` in `only`), checked; nothing is built or written"
-    config = config or RunConfig()
+def _plan(orders, config:RunConfig, seeds:int) -> tuple:
+    "The whole grid of `orders` × `seeds`, seed by seed, each `RunConfig` made once; and each realised order with the name it was given"
     orders = [orders] if isinstance(orders, (str, LayerOrder)) else list(orders)
     if not orders: raise ValueError("No orders given: name at least one preset or spec, e.g. resnet,bn_after")
     check_int('seeds', seeds, 1)
-    given = {}
+    given, firsts = {}, []
     for o in orders:
-        realised = config.replace(order=o).order
-        if realised in given: raise ValueError(f"Orders {given[realised]!r} and {o!r} build the same model ({realised}): give each order once")
-        given[realised] = o
-    grid = [config.replace(order=o, seed=s) for s in range(seeds) for o in given]
-    if only is None: return grid
-    one = config.replace(order=only[0], seed=only[1]) if 0 <= only[1] < seeds else None
-    if one not in grid: raise ValueError(f"Single run {only[0]}:{only[1]} is not in the grid: orders {', '.join(given)}; seeds 0 to {seeds-1}")
-    return [one]
+        c = config.replace(order=o)
+        if c.order in given: raise ValueError(f"Orders {given[c.order]!r} and {o!r} build the same model ({c.order}): give each order once")
+        given[c.order] = o; firsts.append(c)
+    return [c if c.seed == s else c.replace(seed=s) for s in range(seeds) for c in firsts], given
+
+def _single(grid, given, config, seeds, only) -> RunConfig:
+    "The run of `grid` that `only`, an `(order, seed)`, names"
+    order, seed = only
+    realised = config.replace(order=order).order if 0 <= seed < seeds else None
+    one = next((c for c in grid if (c.order, c.seed) == (realised, seed)), None)
+    if one is None: raise ValueError(f"Single run {order}:{seed} is not in the grid: orders {', '.join(given)}; seeds 0 to {seeds-1}")
+    return one
+
+def comparison_plan(orders, config:RunConfig|None=None, seeds:int=3, only:tuple|None=None) -> list:
+    "The `RunConfig` of each run of `orders` × `seeds` (or only the `(order, seed)` in `only`), checked; nothing is built or written"
+    config = config or RunConfig()
+    grid, given = _plan(orders, config, seeds)
+    return grid if only is None else [_single(grid, given, config, seeds, only)]
 
 # %% ../../nbs/experiment/06_compare.ipynb #c2c9ff56
 def compare_orders(orders=('resnet', 'bn_after', 'pool_before_bn'), config:RunConfig|None=None, seeds:int=3, out='order_comparison',
                    only:tuple|None=None, experiment:str|None=None, engine='local', **settings) -> Comparison:
     "Train every run of `orders` × `seeds` not yet in `out` (`config`, or `RunConfig(**settings)`) on `engine`, then the statistics and the report"
-    config = (config or RunConfig()).replace(**settings)
-    grid = comparison_plan(orders, config, seeds, only)
+    config = config.replace(**settings) if config and settings else config or RunConfig(**settings)
+    grid, given = _plan(orders, config, seeds)   # once: the runs to train, the report's and the orders' models come from it
+    todo = grid if only is None else [_single(grid, given, config, seeds, only)]
     engine = get_engine(engine)
     folder = RunsFolder(out)
     folder.check(config)
-    for cfg in grid: folder.read(cfg)   # a damaged run file stops here
+    for cfg in todo: folder.read(cfg)   # a damaged run file stops here
     if config.wandb: check_wandb_login()
     join_ranks()   # a data-parallel comparison (started by torchrun on every rank): their process group
     first_on_rank0(lambda: data_folder(config.data))   # a failed download stops here, on every rank
-    realised = list(dict.fromkeys(c.order for c in comparison_plan(orders, config, 1)))
-    for order in realised: check_builds(config.replace(order=order))
+    for cfg in grid[:len(given)]: check_builds(cfg)   # each order's model, once
     group = experiment or folder.path.resolve().name
-    if rank_world()[0]: train_grid(folder, grid, group, engine); return None   # the other ranks follow rank 0, which reports
+    if rank_world()[0]: train_grid(folder, todo, group, engine); return None   # the other ranks follow rank 0, which reports
     folder.create(config)
-    trained = train_grid(folder, grid, group, engine)
-    records = [r for r in map(folder.read, comparison_plan(orders, config, seeds)) if r is not None]
-    res = Comparison(runs_table(records), realised, config=config.key)
+    trained = train_grid(folder, todo, group, engine)
+    records = [r for r in map(folder.read, grid) if r is not None]
+    res = Comparison(runs_table(records), list(given), config=config.key)
     if only is None:
         with folder.lock():
             folder.write_table(res.runs)
@@ -97,39 +107,36 @@ def _dry_run(orders, config, seeds, out, only):
     print(f"\n{(plan.status == 'done').sum()} of {len(plan)} runs done")
     return plan
 
+def _takes_settings(f):
+    "`f`'s `**settings` declared as `RunConfig` declares them (`setting_flags`): their types, defaults and docments make `call_parse`'s flags and help"
+    sig = inspect.signature(f, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+    f.__signature__ = sig.replace(parameters=[*own, *setting_flags().values()])
+    f.__delwrap__ = RunConfig   # where fastcore's `docments` reads their docs, as it does for `delegates`
+    return f
+
 @call_parse
+@_takes_settings
 def compare_cli(
     orders:str='resnet,bn_after,pool_before_bn', # comma-separated presets or specs (e.g. conv-bn-act); the first is the baseline
-    data:str='mnist', # mnist (offline), imagenette-160, imagenette-320, imagenette, imagewoof-160, …, or a folder in Imagenette's layout
-    arch:str='cnn', # cnn (a small plain CNN) or a fastai XResNet (xresnet18, xresnet34, …)
-    epochs:int=3, # epochs per run
-    size:int=28, # image size in pixels
-    bs:int=64, # batch size
-    lr:float=3e-3, # peak learning rate of fit_one_cycle
     seeds:int=3, # seeds per order (0, 1, …)
-    precision:str='fp32', # fp32, or fastai's mixed precision bf16 / fp16 (CUDA only)
-    backend:str='eager', # eager, channels_last, compile, or channels_last+compile
-    warmup:int=2, # batches of each split run, then undone, before each timed fit (compilation, cuDNN's kernel choice); 0: none
-    p:float=0., # the CNN's dropout probability after each block (needed for 'drop' in an order)
-    pool:str='max', # the CNN's pooling: max or avg
     out:str='order_comparison', # folder for runs, results.csv, report.md and figures; running again resumes it
-    wandb:store_true=False, # one W&B run per (order, seed), grouped by the out folder's name
     dry_run:store_true=False, # print the plan and the state of each run, and train nothing
     run:str=None, # train only ORDER:SEED (e.g. resnet:2), for a scheduler that fans out the grid
     order:str=None, # with --seed: train only that run, as --run ORDER:SEED does (W&B sweeps pass each grid axis as its own flag)
     seed:int=None, # with --order: the seed of the only run to train
-    workers:int=None, # data loader workers (default: min(8, CPUs)); part of the configuration: they draw the augmentations
     engine:str='local', # local (one run after another, here) or ray (each run a Ray task)
     address:str=None, # ray: the cluster to run on ('auto', 'ray://host:10001'); default: a running Ray, else a new local one
     cpus_per_run:float=1, # ray: CPUs each run reserves (its data loader workers need them too)
     gpus_per_run:float=0, # ray: GPUs each run reserves
     scheduler:str=None, # print this grid as a W&B sweep configuration (wandb) or a SLURM job-array script (slurm), and train nothing
+    **settings, # the settings of every run, `RunConfig`'s: --data, --arch, --epochs, … (see `setting_flags`)
 ):
     "Compare layer orders: each order × seed trained, then statistics against the first order, a report and figures in `out`"
+    if unknown := set(settings) - set(setting_flags()): raise TypeError(f"compare_cli() got unexpected settings: {', '.join(sorted(unknown))}")
     with cli_errors('fastai-order-compare', f"the finished runs are kept in {out}: run the same command again to resume"):
         only = _parse_only(run, order, seed)
-        config = RunConfig(data=data, arch=arch, epochs=epochs, lr=lr, bs=bs, size=size, precision=precision, backend=backend,
-                           warmup=warmup, p=p, pool=pool, workers=workers, wandb=wandb)
+        config = RunConfig(**settings)
         orders = orders.split(',')
         ray = check_choice('engine', engine, list(ENGINES)) == 'ray'
         if address is not None and not ray: raise ValueError("--address is the ray engine's: add --engine ray")

@@ -6,7 +6,7 @@ Docs: https://fastai-order.github.io/fastai_order/experiment/data.html.md"""
 
 # %% ../../nbs/experiment/00_data.ipynb #e7fb1132
 from __future__ import annotations
-import difflib, shutil, tempfile
+import shutil, tempfile
 from pathlib import Path
 import numpy as np
 from PIL import Image
@@ -17,6 +17,7 @@ from fastai.data.transforms import GrandparentSplitter, get_image_files, parent_
 from fastai.vision.data import ImageBlock, imagenet_stats
 from fastai.vision.augment import RandomResizedCrop, FlipItem, Resize, aug_transforms
 from fastai.torch_core import num_cpus
+from ..core.checks import did_you_mean
 
 # %% auto #0
 __all__ = ['DATASETS', 'MNIST_STATS', 'mnist_folder', 'check_data', 'data_folder', 'data_recipe', 'get_dls']
@@ -58,40 +59,50 @@ def mnist_folder(dest=None) -> Path:
     return dest
 
 # %% ../../nbs/experiment/00_data.ipynb #9850d198
-def check_data(name_or_path) -> str:
-    "`name_or_path` resolved: 'mnist', a dataset name, or the absolute path of a folder in Imagenette's layout"
-    if name_or_path == 'mnist' or name_or_path in DATASETS: return name_or_path
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        close = difflib.get_close_matches(str(name_or_path), ['mnist', *DATASETS], n=1)
-        raise ValueError(f"Unknown data {str(name_or_path)!r}: {f'did you mean {close[0]!r}? ' if close else ''}"
-                         f"not a folder, nor one of {', '.join(['mnist', *DATASETS])}")
+def _check_layout(path) -> str:
+    "The absolute path of `path` if it is a folder in Imagenette's layout, else a `ValueError` saying what it lacks"
     for split in ('train', 'val'):
         if not (path/split).is_dir() or not any(p.is_dir() for p in (path/split).iterdir()):
             raise ValueError(f"Folder {str(path)!r} is not in Imagenette's layout: it needs '{split}/' with one folder per class")
     return str(path.resolve())
 
+def check_data(name_or_path) -> str:
+    "`name_or_path` resolved: 'mnist', a dataset name, or the absolute path of a folder in Imagenette's layout"
+    if name_or_path == 'mnist' or name_or_path in DATASETS: return name_or_path
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir(): raise ValueError(f"Unknown data {str(name_or_path)!r}: {did_you_mean(name_or_path, ['mnist', *DATASETS])}"
+                                           f"not a folder, nor one of {', '.join(['mnist', *DATASETS])}")
+    return _check_layout(path)
+
+def _folder(data:str) -> Path:
+    "The folder of `data`, as `check_data` resolved it (a downloaded dataset's layout is checked too)"
+    if data == 'mnist': return mnist_folder()
+    if data in DATASETS: return Path(_check_layout(_download(data)))
+    return Path(data)
+
 def data_folder(name_or_path) -> Path:
     "The folder `get_dls` reads `name_or_path` from (a download or a write happens here, the first time)"
-    name_or_path = check_data(name_or_path)
-    if name_or_path == 'mnist': return mnist_folder()
-    if name_or_path in DATASETS: return Path(check_data(_download(name_or_path)))
-    return Path(name_or_path)
+    return _folder(check_data(name_or_path))
 
 # %% ../../nbs/experiment/00_data.ipynb #b2774878
 MNIST_STATS = ([0.1307]*3, [0.3081]*3)
 
-def data_recipe(name_or_path, size=128, min_scale=0.35) -> dict:
-    "The `item_tfms` and `batch_tfms` for `name_or_path`: digits for 'mnist', fastai's Imagenette recipe for photos"
-    if check_data(name_or_path) == 'mnist':
+def _recipe(data:str, size, min_scale) -> dict:
+    "The transforms for `data`, as `check_data` resolved it"
+    if data == 'mnist':
         return dict(item_tfms=[Resize(size)], batch_tfms=[*aug_transforms(do_flip=False, max_rotate=10, max_zoom=1.1, max_lighting=0,
                                                                          max_warp=0, p_affine=0.75), Normalize.from_stats(*MNIST_STATS)])
     return dict(item_tfms=[RandomResizedCrop(size, min_scale=min_scale), FlipItem(0.5)], batch_tfms=[Normalize.from_stats(*imagenet_stats)])
 
+def data_recipe(name_or_path, size=128, min_scale=0.35) -> dict:
+    "The `item_tfms` and `batch_tfms` for `name_or_path`: digits for 'mnist', fastai's Imagenette recipe for photos"
+    return _recipe(check_data(name_or_path), size, min_scale)
+
 @delegates(DataBlock.dataloaders)
 def get_dls(name_or_path='mnist', size=128, bs=64, min_scale=0.35, num_workers=None, **kwargs):
     "fastai `DataLoaders` for `name_or_path`, with its recipe (`data_recipe`)"
-    path = data_folder(name_or_path)
+    data = check_data(name_or_path)   # once: the folder and the recipe follow from it
+    path = _folder(data)
     dblock = DataBlock(blocks=(ImageBlock, CategoryBlock), splitter=GrandparentSplitter(valid_name='val'),
-                       get_items=get_image_files, get_y=parent_label, **data_recipe(name_or_path, size, min_scale))
+                       get_items=get_image_files, get_y=parent_label, **_recipe(data, size, min_scale))
     return dblock.dataloaders(path, path=path, bs=bs, num_workers=min(8, num_cpus()) if num_workers is None else num_workers, **kwargs)

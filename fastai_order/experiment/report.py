@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 from fastcore.basics import store_attr
 from ..timing.batch_timer import PHASES, PHASE_COLORS
 from .run import CONTEXT_TYPES
+from ..core.files import atomic_path, atomic_write
 
 # %% auto #0
 __all__ = ['BUSY', 'mean_ci', 'gmean_ci', 'welch', 'welch_ratio', 'order_stats', 'Comparison']
@@ -176,9 +177,10 @@ class Comparison:
         "Write `report.md`, `accuracy.png`, `phases.png` and `tradeoff.png` to `folder`"
         folder = Path(folder)
         for name, f in (('accuracy', self.plot_accuracy), ('phases', self.plot_phases), ('tradeoff', self.plot_tradeoff)):
-            ax = f(); ax.figure.tight_layout(); ax.figure.savefig(folder/f'{name}.png', dpi=120); plt.close(ax.figure)
-        (folder/'report.md').write_text(self.markdown())
-        return folder/'report.md'
+            ax = f(); ax.figure.tight_layout()
+            with atomic_path(folder/f'{name}.png') as tmp: ax.figure.savefig(tmp, dpi=120)
+            plt.close(ax.figure)
+        return atomic_write(folder/'report.md', self.markdown())
 
     def _repr_markdown_(self): return self.markdown()
     def __repr__(self): return self.table()

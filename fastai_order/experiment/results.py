@@ -6,12 +6,13 @@ Docs: https://fastai-order.github.io/fastai_order/experiment/results.html.md"""
 
 # %% ../../nbs/experiment/02_results.ipynb #b8709856
 from __future__ import annotations
-import json, math, os, tempfile
+import json, math, os
 from dataclasses import asdict
 from pathlib import Path
 import pandas as pd
 from filelock import FileLock, Timeout
 from .run import RunConfig, RESULT_TYPES, CONTEXT_TYPES, LATER_SETTINGS
+from ..core.files import atomic_write
 
 # %% auto #0
 __all__ = ['BadRun', 'check_record', 'RunsFolder', 'runs_table']
@@ -43,15 +44,6 @@ def check_record(record, cfg:RunConfig) -> dict:
     return record
 
 # %% ../../nbs/experiment/02_results.ipynb #0443b0e4
-def _write_atomic(path, text):
-    "Write `text` to `path` atomically: a temporary file in the same folder, then a rename"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f: f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-
 class RunsFolder:
     "A comparison's folder: `config.json`, one checked record per finished run in `runs/`, locks in `.locks/`"
     def __init__(self, path): self.path = Path(path).expanduser()
@@ -62,7 +54,7 @@ class RunsFolder:
     def check(self, cfg:RunConfig):
         "Refuse a folder that holds runs of another configuration than `cfg`'s, or that cannot be written; creates nothing"
         cfg_file = self.path/'config.json'
-        if cfg_file.exists() and any((self.path/'runs').glob('*.json')):
+        if cfg_file.exists() and any('.tmp' not in f.suffixes for f in (self.path/'runs').glob('*.json')):   # a cut-off write is no run
             try: old = json.loads(cfg_file.read_text())
             except (ValueError, OSError) as e: raise ValueError(f"{str(cfg_file)!r} is not readable ({e}): delete it, or use another out folder") from None
             want, have = {**LATER_SETTINGS, **cfg.key}, {**LATER_SETTINGS, **old}   # a setting added later: its earlier value where missing
@@ -79,7 +71,7 @@ class RunsFolder:
         except OSError as e: raise ValueError(f"Cannot write results to {str(self.path)!r}: {e}") from None
         with self.lock():
             self.check(cfg)
-            _write_atomic(self.path/'config.json', json.dumps(cfg.key, indent=1))
+            atomic_write(self.path/'config.json', json.dumps(cfg.key, indent=1))
 
     def lock(self) -> FileLock:
         "The folder's own lock, held while its configuration or report is written"
@@ -104,11 +96,11 @@ class RunsFolder:
 
     def write(self, cfg:RunConfig, record:dict):
         "Write the record of finished run `cfg`"
-        _write_atomic(self.run_file(cfg), json.dumps(record, indent=1))
+        atomic_write(self.run_file(cfg), json.dumps(record, indent=1))
 
     def write_table(self, runs:pd.DataFrame):
         "Write `results.csv`, one row per run, atomically"
-        _write_atomic(self.path/'results.csv', runs.to_csv(index=False))
+        atomic_write(self.path/'results.csv', runs.to_csv(index=False))
 
     def status(self, cfg:RunConfig) -> str:
         "'done', 'to train', 'training elsewhere' or 'bad file: …' for run `cfg`; takes no lock"

@@ -6,9 +6,9 @@ Docs: https://fastai-order.github.io/fastai_order/experiment/run.html.md"""
 
 # %% ../../nbs/experiment/01_run.ipynb #7e7b8ba2
 from __future__ import annotations
-import contextlib, ctypes, gc, math, os, platform, threading, time
+import contextlib, ctypes, gc, inspect, math, os, platform, threading, time, typing
 from collections import Counter
-from dataclasses import dataclass, asdict, replace
+from dataclasses import dataclass, asdict, fields, replace
 import psutil, torch, fastai
 from fastai.torch_core import set_seed, num_cpus, default_device
 from fastai.data.load import DataLoader
@@ -21,7 +21,7 @@ from ..model.layers import OrderedConvLayer, ordered_cnn, ordered_xresnet, XRESN
 from .data import check_data, get_dls
 from ..timing.batch_timer import BatchTimer, PHASES
 from ..timing.wandb import check_wandb_login, random_state_kept
-from ..core.checks import check_choice, check_int
+from ..core.checks import check_bool, check_choice, check_int
 from ..core.distributed import launched_ranks, join_ranks, rank_world
 
 # %% auto #0
@@ -51,21 +51,21 @@ LATER_SETTINGS = dict(ranks=1)   # settings added after comparisons were first w
 @dataclass(frozen=True)
 class RunConfig:
     "Everything that makes a training run what it is, checked when made; `order` is the order the model realises"
-    data:str='mnist' # 'mnist' (offline), a dataset such as 'imagenette-160', or a folder in Imagenette's layout
+    data:str='mnist' # 'mnist' (offline), a dataset ('imagenette-160', 'imagenette-320', 'imagenette', 'imagewoof-160', …) or a folder in Imagenette's layout
     arch:str='cnn' # 'cnn' (`ordered_cnn`, widths 32, 64, 128) or a fastai XResNet ('xresnet18', …)
     order:str='resnet' # a preset or spec of the conv blocks' order
-    epochs:int=3 # epochs of `fit_one_cycle`
-    lr:float=3e-3 # its peak learning rate
+    epochs:int=3 # epochs of the run's `fit_one_cycle`
+    lr:float=3e-3 # peak learning rate of `fit_one_cycle`
     bs:int=64 # batch size
     size:int=28 # image size in pixels
     precision:str='fp32' # 'fp32', or fastai's mixed precision 'bf16' or 'fp16' (CUDA only: fastai autocasts on CUDA)
     backend:str='eager' # 'eager', 'channels_last', 'compile' (`torch.compile`) or both: 'channels_last+compile'
-    warmup:int=2 # train and valid batches run, then undone, before the timed fit (see `warm_up`); 0: none
-    p:float=0. # the CNN's dropout probability, after each block
+    warmup:int=2 # batches of each split run, then undone, before the timed fit (compilation, cuDNN's kernel choice: see `warm_up`); 0: none
+    p:float=0. # the CNN's dropout probability after each block (needed for 'drop' in an order)
     pool:str='max' # the CNN's pooling after each block: 'max' or 'avg'
     seed:int=0 # seed of the initial weights and of the data order
     workers:int|None=None # data loader workers (they draw the augmentations); `None`: min(8, CPUs)
-    wandb:bool=False # log the run to W&B (it changes no result: see `fix_wandb_randomness`)
+    wandb:bool=False # log the run to W&B, grouped by its comparison's out folder (it changes no result: see `fix_wandb_randomness`)
     ranks:int|None=None # data-parallel ranks it trains on, `bs` images each; `None`: as many as the launcher started (`torchrun`, `accelerate launch`), else 1
 
     def __post_init__(self):
@@ -75,17 +75,17 @@ class RunConfig:
         for name, allowed in (('arch', ARCHS), ('precision', PRECISIONS), ('backend', BACKENDS), ('pool', POOLS)):
             check_choice(name, getattr(self, name), allowed)
         for name, lo in (('epochs', 1), ('bs', 1), ('size', 1), ('seed', 0), ('warmup', 0)): check_int(name, getattr(self, name), lo)
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf:
-            raise ValueError(f"`lr` must be a number > 0, got {self.lr!r}")
-        if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not 0 <= self.p < 1:
-            raise ValueError(f"`p` must be a dropout probability in [0, 1), got {self.p!r}")
+        for name, what, ok in (('lr', 'a number > 0', lambda v: 0 < v < math.inf), ('p', 'a dropout probability in [0, 1)', lambda v: 0 <= v < 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)): raise TypeError(f"`{name}` must be {what}, got {v!r}")
+            if not ok(v): raise ValueError(f"`{name}` must be {what}, got {v!r}")
         if self.arch != 'cnn' and self.pool != 'max': raise ValueError(f"pool={self.pool!r} is the CNN's: {self.arch} pools with its stem's max pool")
         if self.workers is None: put('workers', min(8, num_cpus()))
         check_int('workers', self.workers, 0)
         if self.precision != 'fp32' and not torch.cuda.is_available(): raise ValueError(
             f"precision {self.precision!r} needs CUDA: fastai's mixed precision autocasts on CUDA only, so here it would train in fp32; use 'fp32'")
         put('order', str(LayerOrder(self.order).fit(_ops(self.arch, self.order, self.p))))
-        if not isinstance(self.wandb, bool): raise ValueError(f"`wandb` must be True or False, got {self.wandb!r}")
+        check_bool('wandb', self.wandb)
         if self.ranks is None: put('ranks', launched_ranks())
         check_int('ranks', self.ranks, 1)
 
@@ -97,6 +97,12 @@ class RunConfig:
     def replace(self, **changes) -> RunConfig:
         "This configuration with `changes`, checked again"
         return replace(self, **changes)
+
+    @classmethod
+    def parameters(cls) -> dict:
+        "Its settings as keyword-only `inspect.Parameter`s with their types and defaults (name → parameter), for a function that takes them as `**settings`"
+        types = typing.get_type_hints(cls)
+        return {f.name: inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=types[f.name]) for f in fields(cls)}
 
 # %% ../../nbs/experiment/01_run.ipynb #ffc04838
 def layer_orders(model) -> dict:

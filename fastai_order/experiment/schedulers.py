@@ -13,18 +13,23 @@ from .run import RunConfig
 from ..core.checks import check_choice, check_int, check_number
 
 # %% auto #0
-__all__ = ['SCHEDULERS', 'PROGRAM', 'cli_args', 'scheduler_config', 'wandb_sweep', 'slurm_array']
+__all__ = ['SCHEDULERS', 'PROGRAM', 'setting_flags', 'cli_args', 'scheduler_config', 'wandb_sweep', 'slurm_array']
 
 # %% ../../nbs/experiment/05_schedulers.ipynb #bc49fe1a
 SCHEDULERS = ('wandb', 'slurm')
 PROGRAM = 'fastai-order-compare'
 
+def setting_flags() -> dict:
+    "The settings `fastai-order-compare` takes as flags, as `RunConfig` declares them (name → `inspect.Parameter`): all but the grid's `order` and `seed` (its `--orders`, `--seeds`) and the launcher's `ranks`"
+    return {k: p for k, p in RunConfig.parameters().items() if k not in ('order', 'seed', 'ranks')}
+
 def cli_args(orders:list, config:RunConfig, seeds:int, out) -> list:
     "`fastai-order-compare`'s options for this comparison: its orders, seeds, every setting of `config` and its out folder"
     args = ['--orders', ','.join(map(str, orders)), '--seeds', str(check_int('seeds', seeds, 1))]
-    for k, v in config.key.items():
-        if k != 'ranks': args += [f'--{k}', str(v)]   # the launcher's
-    return args + (['--wandb'] if config.wandb else []) + ['--out', str(out)]
+    for k, p in setting_flags().items():
+        v, flag = getattr(config, k), '--' + k.replace('_', '-')
+        args += ([flag] if v else []) if p.annotation is bool else [flag, str(v)]   # a bool is a bare flag, as `call_parse` makes it
+    return args + ['--out', str(out)]
 
 # %% ../../nbs/experiment/05_schedulers.ipynb #f9553cc7
 def scheduler_config(scheduler:str, orders:list, config:RunConfig, seeds:int, out, cpus_per_run:float=1, gpus_per_run:float=0) -> str:
