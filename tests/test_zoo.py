@@ -1,7 +1,9 @@
 "The zoo sweep on `SUBSET`: optimize_order is never wrong (nor crashes) on torchvision's and timm's models, swap_order keeps checkpoints loadable; the CSV resumes; limits and bad input are recorded or refused in one line."
 import pandas as pd, pytest, torch
 import fastai_order.tools.zoo as fz
-from fastai_order.tools.zoo import SUBSET, zoo_sweep, zoo_summary, zoo_cli, run_isolated, COLUMNS
+from fastai_order.tools.zoo import zoo_sweep, zoo_cli, run_isolated, COLUMNS
+from fastai_order.tools.zoo_row import SUBSET
+from fastai_order.tools.zoo_summary import zoo_summary
 
 pytest.importorskip('timm')
 FAST = dict(reps=0, bs=1, size=64)   # batch 1, 64 px where a model takes any size (not the fixed-size ViT-likes), no timing
