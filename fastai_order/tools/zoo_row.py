@@ -6,11 +6,12 @@ Docs: https://fastai-order.github.io/fastai_order/tools/zoo_row.html.md"""
 
 # %% ../../nbs/tools/01_zoo_row.ipynb #43732b4e
 from __future__ import annotations
-import copy, re, statistics, time, warnings
+import copy, re, time, warnings
 import torch, torch.nn as nn, torch.nn.functional as F, torch.fx as fx, torchvision
 import torch.utils._pytree as pytree
 from torch.fx.experimental.optimization import fuse
 from .bench import BenchSetting, compare_eval, compare_train_steps
+from ..timing.paired import paired_ratios
 from ..rewrite.optimize import optimize_order, model_kept, rounding_sensitivity, ROUNDING_MARGIN
 from ..rewrite.swap import swap_order
 from ..model.ops import module_role, function_act, norm_act_norm, norm_act_forward_norm
@@ -214,12 +215,11 @@ def is_wrong(row, tol:float=1e-9) -> bool:
 
 # %% ../../nbs/tools/01_zoo_row.ipynb #a3a58a5c
 def _timings(variants:dict, x, mode, reps) -> dict:
-    "ms per call of each of `variants` (name → model; eval forward or train step) and paired speed-ups over 'original'"
+    "ms per call of each of `variants` (name → model; eval forward or train step) and paired speed-ups over 'original' (1 / the median of the time ratios within a repeat)"
     s = BenchSetting('cpu')
     if mode == 'eval':
-        t = compare_eval(variants, x, calls=1, repeats=reps, setting=s)
-        return {**{f'ms_{k}': 1e3 * t[k].median() for k in variants},
-                **{f'speedup_{k}': statistics.median(t.original / t[k]) for k in variants if k != 'original'}}
+        r = paired_ratios(compare_eval(variants, x, calls=1, repeats=reps, setting=s), base='original').set_index('arm')
+        return {**{f'ms_{k}': 1e3 * r.seconds[k] for k in variants}, **{f'speedup_{k}': 1 / r.ratio[k] for k in variants if k != 'original'}}
     df = compare_train_steps(variants, bs=x.shape[0], size=x.shape[-1], c_in=x.shape[1], steps=1, repeats=reps, setting=s).set_index('model')
     return {**{f'ms_{k}': df.ms_per_step[k] for k in variants}, **{f'speedup_{k}': 1 / df.ratio[k] for k in variants if k != 'original'}}
 
