@@ -141,10 +141,11 @@ def run_isolated(
 # %% ../../nbs/tools/01_zoo.ipynb #61b37d55
 def _channels_last(v):
     "`channels_last` of `optimize_order` from True/False/None or the words the command takes"
-    if v is None or v in (True, False): return v
-    words = {'auto': None, 'none': None, 'true': True, 'false': False}
-    if str(v).lower() not in words: raise ValueError(f"`channels_last` must be True, False or auto (None), got {v!r}")
-    return words[str(v).lower()]
+    if v is None or v is True or v is False: return v
+    words, msg = {'auto': None, 'none': None, 'true': True, 'false': False}, f"`channels_last` must be True, False or auto (None), got {v!r}"
+    if not isinstance(v, str): raise TypeError(msg)
+    if v.lower() not in words: raise ValueError(msg)
+    return words[v.lower()]
 
 def _describe(row) -> str:
     "One line about a finished row"
