@@ -13,8 +13,8 @@ from ..core.checks import did_you_mean
 
 # %% auto #0
 __all__ = ['OPS', 'ALIASES', 'ROLES', 'NAMES', 'OP_OF', 'ACTIVATIONS', 'NORM_ACTS', 'FUNCTIONAL_ACTS', 'op_of', 'role_ops',
-           'op_names', 'activation_facts', 'norm_act_norm', 'module_role', 'norm_act_parts', 'norm_act_forward_norm',
-           'function_act', 'op_name', 'register_act', 'register_norm', 'register_norm_act']
+           'op_names', 'activation_facts', 'norm_act_norm', 'module_role', 'op_role', 'norm_act_parts',
+           'norm_act_forward_norm', 'function_act', 'op_name', 'register_act', 'register_norm', 'register_norm_act']
 
 # %% ../../nbs/model/01_ops.ipynb #3388f2a7
 OPS = ('conv', 'bn', 'act', 'pool', 'drop')   # the ops a conv block puts in order: a `LayerOrder`'s
@@ -107,6 +107,12 @@ def module_role(m) -> str|None:
     if norm_act_norm(m) is not None: return 'norm_act'
     if activation_facts(m) is not None: return 'act'
     return next((r for r,types in _ROLE_TYPES.items() if isinstance(m, tuple(types))), None)
+
+def op_role(m, linear:bool=False) -> str|None:
+    "`module_role` of module `m`, but 'identity' for an `nn.Identity` (a placeholder, no op) and, if `linear`, 'linear' for an `nn.Linear` (a head's conv)"
+    if type(m) is nn.Identity: return 'identity'
+    if linear and isinstance(m, nn.Linear): return 'linear'
+    return module_role(m)
 
 # %% ../../nbs/model/01_ops.ipynb #2a05123f
 def norm_act_parts(m) -> tuple:
