@@ -502,7 +502,7 @@ def test_memory_holds_at_most_three_copies_of_the_model(monkeypatch):
 def test_an_ill_conditioned_model_is_judged_against_its_own_rounding():
     "timm's LeViT amplifies rounding ~1e6×: its right rewrite was 2.8e-9 off in float64 and refused, or called wrong by the sweep"
     timm = pytest.importorskip('timm')
-    from fastai_order.tools.zoo import calibrate_bn
+    from fastai_order.tools.zoo_row import calibrate_bn
     torch.manual_seed(0)
     model = calibrate_bn(timm.create_model('levit_conv_128s'), (3, 224, 224)).double()
     x = torch.randn(2, 2, 3, 224, 224, generator=torch.Generator().manual_seed(0))[1].double()   # the sweep's second batch
@@ -538,7 +538,7 @@ def test_a_swapped_torchvision_model_optimizes():
 def test_folds_under_forwards_of_several_inputs():
     "timm's DLA passes its blocks a shortcut and children, so their forwards cannot be fixed alone: 27 of its 37 BNs were left, fx fuse folds all"
     timm = pytest.importorskip('timm')
-    from fastai_order.tools.zoo import bn_calls
+    from fastai_order.tools.zoo_row import bn_calls
     model = _calibrated(timm.create_model('dla34'))
     x = torch.randn(1, 3, 64, 64)
     r = optimize_order(model, 'eval', example=x, reps=0)

@@ -405,7 +405,7 @@ def test_chains_across_module_borders_swap():
                                         ('dla34', 'level2.tree1.conv1'),   # DLA's blocks take a shortcut and children: swapped in the model's own trace
                                         ('xception41', 'blocks.0.stack.conv1.conv_pw')])   # an Identity between a child's BN and the parent's ReLU
 def test_timm_chains_across_borders(name, stem):
-    from fastai_order.tools.zoo import chain_convs
+    from fastai_order.tools.zoo_row import chain_convs
     m = randomized(timm.create_model(name))
     chains, x = chain_convs(m), torch.randn(1, 3, 224, 224)
     y = m(x)

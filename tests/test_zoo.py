@@ -5,7 +5,8 @@ import fastai_order.tools.zoo as fz
 from fastai_order.tools.zoo import zoo_sweep, zoo_cli, run_isolated, COLUMNS
 from fastai_order.tools.zoo_row import SUBSET, zoo_model, calibrate_bn, output_errors
 from fastai_order.tools.zoo_summary import zoo_summary
-from fastai_order.rewrite.optimize import optimize_order, rounding_sensitivity, ROUNDING_MARGIN
+from fastai_order.rewrite.optimize import optimize_order
+from fastai_order.rewrite.proof import rounding_sensitivity, ROUNDING_MARGIN
 from fastai_order.rewrite.swap import swap_order
 
 pytest.importorskip('timm')

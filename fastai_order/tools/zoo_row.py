@@ -7,12 +7,14 @@ Docs: https://fastai-order.github.io/fastai_order/tools/zoo_row.html.md"""
 # %% ../../nbs/tools/01_zoo_row.ipynb #43732b4e
 from __future__ import annotations
 import copy, re, time, warnings
-import torch, torch.nn as nn, torch.nn.functional as F, torch.fx as fx, torchvision
+import torch, torch.nn as nn, torch.nn.functional as F, torchvision
 import torch.utils._pytree as pytree
 from torch.fx.experimental.optimization import fuse
 from .bench import BenchSetting, compare_eval, compare_train_steps
 from ..timing.paired import paired_ratios
-from ..rewrite.optimize import optimize_order, model_kept, rounding_sensitivity, ROUNDING_MARGIN
+from ..rewrite.optimize import optimize_order
+from ..rewrite.proof import model_kept, rounding_sensitivity, ROUNDING_MARGIN
+from ..rewrite.graph import OpTracer
 from ..rewrite.swap import swap_order
 from ..model.ops import module_role, function_act, norm_act_norm, norm_act_forward_norm
 from ..core.checks import check_choice, did_you_mean
@@ -223,14 +225,10 @@ def _timings(variants:dict, x, mode, reps) -> dict:
     df = compare_train_steps(variants, bs=x.shape[0], size=x.shape[-1], c_in=x.shape[1], steps=1, repeats=reps, setting=s).set_index('model')
     return {**{f'ms_{k}': df.ms_per_step[k] for k in variants}, **{f'speedup_{k}': 1 / df.ratio[k] for k in variants if k != 'original'}}
 
-class _OpTracer(fx.Tracer):
-    "Traces a whole model down to the modules the op registry knows"
-    def is_leaf_module(self, m, qualname): return module_role(m) is not None or super().is_leaf_module(m, qualname)
-
 def _op_graph(model):
-    "The torch.fx graph of `model` in eval, down to the modules the op registry knows, or None if it cannot be traced; the model is left as it was (a trace fills caches with proxies)"
+    "The torch.fx graph of `model` in eval, down to the modules the op registry knows (every other module traced through, hooks or not), or None if it cannot be traced; the model is left as it was (a trace fills caches with proxies)"
     with model_kept(model, 'eval'):
-        try: return _OpTracer().trace(model)
+        try: return OpTracer(lambda m: module_role(m) is not None).trace(model)
         except Exception: return None
 
 _BN = nn.modules.batchnorm._BatchNorm
