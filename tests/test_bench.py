@@ -3,7 +3,11 @@ import contextlib
 import pytest, torch
 from torch import nn
 import fastai_order.tools.bench as fb
-from fastai_order.tools.bench import BenchSetting, bench, overhead_bench, optimize_bench
+from fastai_order.tools.bench import bench
+from fastai_order.tools.overhead import overhead_bench
+from fastai_order.tools.optimize_bench import optimize_bench
+from fastai_order.experiment.setting import Setting
+from fastai_order.timing.paired import paired_times
 
 CL = torch.channels_last
 ORDERS = 'conv-bn-act-pool,conv-pool-bn-act,conv-bn-pool-act'
@@ -104,8 +108,6 @@ def test_on_cuda_the_models_run_on_the_gpu_and_the_clock_waits_for_it(seen):
     bench(**TINY, orders=ORDERS, device='cuda', settings='fp32,fp16+channels_last')
     calls = [c for cs in seen.values() for c in cs]
     assert {c['device'] for c in calls} == {'cuda'} and {c['dtype'] for c in calls} == {torch.float32, torch.float16}
-    s = BenchSetting('cuda')
     a = torch.randn(4096, 4096, device='cuda')
-    for _ in range(20): a = a @ a / 64
-    s.synced_time()
-    assert torch.cuda.current_stream().query()   # everything queued has run
+    t = paired_times({'matmuls': lambda: [a @ a / 64 for _ in range(20)]}, repeats=1, warmup=0, device=Setting('cuda').dev)
+    assert torch.cuda.current_stream().query() and t.matmuls[0] > 0   # the harness's clock waited for everything queued

@@ -18,7 +18,8 @@ from filelock import FileLock
 from fastcore.script import call_parse
 from fastprogress.fastprogress import progress_bar
 from fastprogress import fastprogress as fpm
-from .bench import BenchSetting, compare_eval, compare_train_steps
+from ..experiment.setting import Setting
+from .bench import compare_eval, compare_train_steps
 from ..rewrite.optimize import optimize_order, model_kept, rounding_sensitivity, ROUNDING_MARGIN
 from ..rewrite.swap import swap_order
 from ..model.ops import module_role, function_act, norm_act_norm, norm_act_forward_norm
@@ -224,7 +225,7 @@ def is_wrong(row, tol:float=1e-9) -> bool:
 # %% ../../nbs/tools/01_zoo.ipynb #a3a58a5c
 def _timings(variants:dict, x, mode, reps) -> dict:
     "ms per call of each of `variants` (name → model; eval forward or train step) and paired speed-ups over 'original'"
-    s = BenchSetting('cpu')
+    s = Setting('cpu')
     if mode == 'eval':
         t = compare_eval(variants, x, calls=1, repeats=reps, setting=s)
         return {**{f'ms_{k}': 1e3 * t[k].median() for k in variants},
