@@ -14,7 +14,8 @@ from fastai_order.model.ops import ACTIVATIONS
 from fastai_order.rewrite.commute import conditions_of
 from fastai_order.model.layers import ordered_cnn
 from fastai_order.rewrite.optimize import optimize_order, plan_rewrites
-from fastai_order.tools.bench import synthetic_dls, optimize_models
+from fastai_order.tools.synthetic import synthetic_dls
+from fastai_order.tools.optimize_bench import optimize_models
 
 ACTS = [nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.Tanh, nn.SiLU, nn.Hardswish, nn.ReLU6, nn.Softplus]
 CONV, BN, POOL, DROP = (nn.Conv1d, nn.Conv2d, nn.Conv3d), (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), \

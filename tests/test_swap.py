@@ -192,7 +192,7 @@ def test_learner_without_a_model_is_named(tmp_path):
 import pickle, timm
 from fastai.vision.learner import vision_learner, create_head
 from fastai_order.rewrite.graph import TracedForward
-from fastai_order.tools.bench import synthetic_dls
+from fastai_order.tools.synthetic import synthetic_dls
 from fastai_order.timing.layer_timer import LayerTimer
 
 

@@ -10,7 +10,8 @@ import copy, re, time, warnings
 import torch, torch.nn as nn, torch.nn.functional as F, torchvision
 import torch.utils._pytree as pytree
 from torch.fx.experimental.optimization import fuse
-from .bench import BenchSetting, compare_eval, compare_train_steps
+from ..experiment.setting import Setting
+from .bench import compare_eval, compare_train_steps
 from ..timing.paired import paired_ratios
 from ..rewrite.optimize import optimize_order
 from ..rewrite.proof import model_kept, rounding_sensitivity, ROUNDING_MARGIN
@@ -218,7 +219,7 @@ def is_wrong(row, tol:float=1e-9) -> bool:
 # %% ../../nbs/tools/01_zoo_row.ipynb #a3a58a5c
 def _timings(variants:dict, x, mode, reps) -> dict:
     "ms per call of each of `variants` (name → model; eval forward or train step) and paired speed-ups over 'original' (1 / the median of the time ratios within a repeat)"
-    s = BenchSetting('cpu')
+    s = Setting('cpu')
     if mode == 'eval':
         r = paired_ratios(compare_eval(variants, x, calls=1, repeats=reps, setting=s), base='original').set_index('arm')
         return {**{f'ms_{k}': 1e3 * r.seconds[k] for k in variants}, **{f'speedup_{k}': 1 / r.ratio[k] for k in variants if k != 'original'}}
