@@ -6,7 +6,7 @@ Docs: https://fastai-order.github.io/fastai_order/rewrite/optimize.html.md"""
 
 # %% ../../nbs/rewrite/02_optimize.ipynb #4af1e04d
 from __future__ import annotations
-import contextlib, warnings
+import contextlib, functools, warnings
 from collections import Counter, OrderedDict, namedtuple
 import torch, torch.nn as nn, torch.fx as fx
 import torch.utils._pytree as pytree
@@ -305,20 +305,17 @@ def _layout_hazard(model, x, mode) -> str|None:
 def _time(models, x, mode, reps=5) -> list:
     "Median seconds per call (forward, and backward in 'train') of each of `models` on `x`: `paired_times`, `reps` repeats after a warm-up round; each model is left as it was"
     train = mode == 'train'
-    def arm(m):
-        ps = [p for p in m.parameters() if p.requires_grad]
-        def call():
-            with torch.set_grad_enabled(train):
-                y = m(x)
-                if train:
-                    ys = [l.float().sum() for l in pytree.tree_leaves(y) if isinstance(l, torch.Tensor) and l.requires_grad]
-                    if ys and ps: torch.autograd.grad(sum(ys), ps, allow_unused=True)
-        return call
+    def step(m, ps):
+        with torch.set_grad_enabled(train):
+            y = m(x)
+            ys = [l.float().sum() for l in pytree.tree_leaves(y) if isinstance(l, torch.Tensor) and l.requires_grad] if train else []
+            if ys and ps: torch.autograd.grad(sum(ys), ps, allow_unused=True)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=[x.device] if x.is_cuda else []))
         for m in models: stack.enter_context(model_kept(m, mode))
-        t = paired_times({f'model{i}': arm(m) for i,m in enumerate(models)}, repeats=reps, warmup=1, device=x.device)
-    return [float(t[f'model{i}'].median()) for i in range(len(models))]
+        arms = {f'model{i}': functools.partial(step, m, [p for p in m.parameters() if p.requires_grad]) for i,m in enumerate(models)}
+        t = paired_times(arms, repeats=reps, warmup=1, device=x.device)
+    return [float(t[a].median()) for a in arms]
 
 
 # %% ../../nbs/rewrite/02_optimize.ipynb #b55545fd
