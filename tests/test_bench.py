@@ -3,7 +3,11 @@ import contextlib
 import pytest, torch
 from torch import nn
 import fastai_order.tools.bench as fb
-from fastai_order.tools.bench import BenchSetting, bench, overhead_bench, optimize_bench
+from fastai_order.tools.bench import bench
+from fastai_order.tools.overhead import overhead_bench
+from fastai_order.tools.optimize_bench import optimize_bench
+from fastai_order.experiment.setting import Setting
+from fastai_order.timing.paired import paired_times
 
 CL = torch.channels_last
 ORDERS = 'conv-bn-act-pool,conv-pool-bn-act,conv-bn-pool-act'
@@ -104,8 +108,27 @@ def test_on_cuda_the_models_run_on_the_gpu_and_the_clock_waits_for_it(seen):
     bench(**TINY, orders=ORDERS, device='cuda', settings='fp32,fp16+channels_last')
     calls = [c for cs in seen.values() for c in cs]
     assert {c['device'] for c in calls} == {'cuda'} and {c['dtype'] for c in calls} == {torch.float32, torch.float16}
-    s = BenchSetting('cuda')
     a = torch.randn(4096, 4096, device='cuda')
-    for _ in range(20): a = a @ a / 64
-    s.synced_time()
-    assert torch.cuda.current_stream().query()   # everything queued has run
+    t = paired_times({'matmuls': lambda: [a @ a / 64 for _ in range(20)]}, repeats=1, warmup=0, device=Setting('cuda').dev)
+    assert torch.cuda.current_stream().query() and t.matmuls[0] > 0   # the harness's clock waited for everything queued
+
+
+def test_every_paired_benchmark_times_with_the_one_harness(monkeypatch):
+    import fastai_order.tools.overhead as fo
+    from fastai_order.model.layers import ordered_cnn
+    arms = []
+    def spy(a, *args, **kwargs): arms.append(list(a)); return paired_times(a, *args, **kwargs)
+    for mod in (fb, fo): monkeypatch.setattr(mod, 'paired_times', spy)
+    cnn = lambda w: ordered_cnn(3, 4, (w,))
+    fb.compare_train_steps({'a': cnn(4), 'b': cnn(8)}, bs=2, size=8, n_out=4, steps=1, repeats=1)
+    fb.compare_eval({'a': cnn(4).eval(), 'b': cnn(8).eval()}, torch.randn(2, 3, 8, 8), calls=1, repeats=1)
+    fo.timer_overhead(cnn(4), bs=4, size=8, batches=2, repeats=1, n_out=4)
+    assert arms == [['a', 'b'], ['a', 'b'], ['none', 'none again', 'BatchTimer', 'LayerTimer']]
+
+
+def test_settings_are_checked_by_type_and_value():
+    with pytest.raises(TypeError, match="`compile` must be True or False, got 1"): Setting.of('cpu', compile=1)
+    with pytest.raises(ValueError, match="Unknown backend 'channel_last': did you mean 'channels_last'?"): Setting('cpu', backend='channel_last')
+    assert Setting('cpu', backend='compile+channels_last') == Setting.parse('channels_last+compile', 'cpu')   # one backend, one label
+    import fastai_order.tools.overhead as fo
+    with pytest.raises(ValueError, match="compares the sequential runner with another engine, got 'local'"): fo.engine_speedup(engine='local')

@@ -3,7 +3,11 @@ import torch, torch.nn as nn
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 from fastai_order.model.ops import ACTIVATIONS, _resolve
-from fastai_order.rewrite.commute import NAMES, MODES, commutes, equivalent_orders, _names
+from fastai_order.model.ops import op_names
+from fastai_order.rewrite.commute import NAMES, MODES, commutes, equivalent_orders
+from fastai_order.model.order import LayerOrder
+
+def _names(order, pool, drop): return op_names(LayerOrder(order), pool, drop)
 
 ACTS = [a for a in map(_resolve, ACTIVATIONS) if a is not nn.Identity]
 
@@ -116,13 +120,58 @@ def test_verdicts_hold(pair, mode, act, seed, d, n, c, h, w):
     if v.kind == 'exact':
         x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
         assert same(run([ma, mb], x), run(other, x)), (a, b, mode, act, v)
-    else:  # some input (and dropout mask) tells the orders apart
-        def differ(i, scale, shift):
-            for m in (ma, mb):
-                if isinstance(m, MaskDrop): m.seed += i
-            x = scale * torch.randn(n, c, h, w, generator=g, dtype=torch.float64) + shift
-            return not same(run([ma, mb], x), run(other, x))
-        assert any(differ(i, *st_) for i, st_ in enumerate(((1, 0), (3, 0.5), (2, -1), (0.5, 2), (4, 0)))), (a, b, mode, act, v)
+    else:  # an input built to tell the orders apart does
+        xs = counterexamples(ma if a == 'act' else mb if b == 'act' else act(), (n, c, h, w), g)
+        for m, o in ((ma, mb), (mb, ma)):
+            if isinstance(m, MaskDrop): m.seed = mixed_seed(m, [(n, c, h, w), o(torch.zeros(n, c, h, w, dtype=torch.float64)).shape])
+        assert any(not same(run([ma, mb], x), run(other, x)) for x in xs), (a, b, mode, act, v)
+
+
+def mixed_seed(drop, shapes):
+    "The first seed from `drop`'s own on which its mask both keeps and drops elements at each of `shapes`: the masks a counterexample needs"
+    def mixed(seed):
+        for shape in shapes:
+            m = MaskDrop(drop.p, drop.channel, seed)(torch.ones(shape, dtype=torch.float64))
+            if not (m == 0).any() or (m == 0).all(): return False
+        return True
+    return next(s for s in range(drop.seed, drop.seed + 10_000) if mixed(s))
+
+
+def decreasing_pair(f, lo=-8., hi=8., steps=3201):
+    "(x1, x2) with x1 < x2 and f(x1) > f(x2) by a clear margin, from a scan of activation `f` in float64; None if `f` is non-decreasing on the scan"
+    x = torch.linspace(lo, hi, steps, dtype=torch.float64)
+    with torch.no_grad(): y = f.double()(x) if isinstance(f, nn.Module) else f(x)
+    best = torch.cummax(y, 0)
+    gap = best.values[:-1] - y[1:]   # how far each point lies below the largest value before it
+    j = int(gap.argmax())
+    return (x[best.indices[j]].item(), x[j+1].item()) if gap[j] > 1e-3 else None
+
+
+def checkerboard(v1, v2, shape):
+    "A batch of `shape` whose every channel alternates `v1` and `v2` along both spatial axes: any pooling window of 2 or more holds both"
+    n, c, h, w = shape
+    pattern = (torch.arange(h)[:, None] + torch.arange(w)[None, :]) % 2 == 0
+    x = torch.where(pattern, v1, v2).to(torch.float64).expand(n, c, h, w).clone()
+    return x * torch.linspace(1, 1.5, c, dtype=torch.float64).view(1, c, 1, 1)   # channels differ, so channel mixing shows
+
+
+def counterexamples(act, shape, g):
+    "Inputs built to tell apart two orders the rules call 'never': a window where the activation `act` falls (max pooling picks another element), one where the sign changes (a threshold moves, an average of a non-linear f), and a generic one"
+    pair = decreasing_pair(act)
+    xs = [checkerboard(*pair, shape)] if pair else []
+    xs += [checkerboard(-2., 1., shape), checkerboard(0.5, 3., shape)]
+    return xs + [torch.randn(shape, generator=g, dtype=torch.float64) * 2 - 0.5]
+
+
+def test_never_verdict_gets_a_counterexample():
+    "The draw that random inputs once missed: GELU and max pooling in training on a batch of 2; the built input separates the orders"
+    g = torch.Generator().manual_seed(0)
+    ma, mb = build('act', 3, 'train', nn.GELU, g), nn.MaxPool2d(3, 2, 1).double()
+    assert commutes('act', 'maxpool', 'train', act=nn.GELU).kind == 'never'
+    x1, x2 = decreasing_pair(nn.GELU())
+    assert x1 < x2 and nn.GELU()(torch.tensor(x1)) > nn.GELU()(torch.tensor(x2))
+    assert not same(run([ma, mb], checkerboard(x1, x2, (2, 3, 10, 10))), run([mb, ma], checkerboard(x1, x2, (2, 3, 10, 10))))
+    assert decreasing_pair(nn.ReLU()) is None and decreasing_pair(nn.LeakyReLU(0.1)) is None
 
 
 @pytest.mark.parametrize('act', [nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish])

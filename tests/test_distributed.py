@@ -3,14 +3,14 @@ import json, os, subprocess, sys, textwrap
 from pathlib import Path
 import pandas as pd, pytest, torch
 from torch import nn
-from fastai_order.tools.bench import ddp_launch
+from fastai_order.tools.overhead import ddp_launch
 from fastai_order.experiment.run import RunConfig
 
 TINY = dict(epochs=2, bs=4, size=16, workers=0)
 SCRIPT = textwrap.dedent('''
     import json, sys, torch.distributed as dist, wandb
     import fastai_order.timing.wandb as fw
-    from fastai_order.tools.bench import ddp_fit
+    from fastai_order.tools.overhead import ddp_fit
     from fastai_order.experiment.run import RunConfig
     out, cfg = sys.argv[1], RunConfig(**json.loads(sys.argv[2]))
     calls = dict(gathers=0, timing_logs=0)
@@ -57,7 +57,7 @@ def test_timers_on_two_gloo_ranks_gather_once_per_epoch(tiny_data, tmp_path):
 DIES = textwrap.dedent('''
     import os, sys, torch.distributed as dist
     from fastai.callback.core import Callback
-    import fastai_order.tools.bench as bench
+    import fastai_order.tools.overhead as bench
     from fastai_order.experiment.run import RunConfig, run_learner
     class Die(Callback):
         def after_batch(self):

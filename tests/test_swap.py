@@ -191,8 +191,8 @@ def test_learner_without_a_model_is_named(tmp_path):
 # torchvision and timm models, as vision_learner builds them
 import pickle, timm
 from fastai.vision.learner import vision_learner, create_head
-from fastai_order.rewrite.swap import TracedForward
-from fastai_order.tools.bench import synthetic_dls
+from fastai_order.rewrite.graph import TracedForward
+from fastai_order.tools.synthetic import synthetic_dls
 from fastai_order.timing.layer_timer import LayerTimer
 
 
@@ -405,7 +405,7 @@ def test_chains_across_module_borders_swap():
                                         ('dla34', 'level2.tree1.conv1'),   # DLA's blocks take a shortcut and children: swapped in the model's own trace
                                         ('xception41', 'blocks.0.stack.conv1.conv_pw')])   # an Identity between a child's BN and the parent's ReLU
 def test_timm_chains_across_borders(name, stem):
-    from fastai_order.tools.zoo import chain_convs
+    from fastai_order.tools.zoo_row import chain_convs
     m = randomized(timm.create_model(name))
     chains, x = chain_convs(m), torch.randn(1, 3, 224, 224)
     y = m(x)

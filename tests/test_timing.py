@@ -9,7 +9,7 @@ import fastai.callback.schedule  # Learner.lr_find
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.vision.models.xresnet import xresnet18
-from fastai_order.tools.bench import synthetic_dls
+from fastai_order.tools.synthetic import synthetic_dls
 from fastai_order.model.layers import ordered_cnn
 from fastai_order.timing.batch_timer import BatchTimer, PHASES, _Stats
 from fastai_order.timing.clock import CudaClock

@@ -19,20 +19,19 @@ import fastai.callback.schedule, fastai.callback.channelslast, fastai.callback.f
 from ..model.order import LayerOrder
 from ..model.layers import OrderedConvLayer, ordered_cnn, ordered_xresnet, XRESNET_ARCHS
 from .data import check_data, get_dls
+from .setting import Setting, PRECISIONS, BACKENDS
 from ..timing.batch_timer import BatchTimer, PHASES
 from ..timing.wandb import check_wandb_login, random_state_kept
 from ..core.checks import check_bool, check_choice, check_int
 from ..core.distributed import launched_ranks, join_ranks, rank_world
 
 # %% auto #0
-__all__ = ['ARCHS', 'BACKENDS', 'PRECISIONS', 'POOLS', 'LATER_SETTINGS', 'RESULT_TYPES', 'CONTEXT_TYPES', 'RunConfig',
-           'layer_orders', 'build_model', 'check_builds', 'run_learner', 'warm_up', 'PeakMemory', 'run_context',
-           'OtherLoad', 'data_parallel', 'train_run']
+__all__ = ['ARCHS', 'POOLS', 'LATER_SETTINGS', 'RESULT_TYPES', 'CONTEXT_TYPES', 'RunConfig', 'layer_orders', 'build_model',
+           'check_builds', 'run_learner', 'warm_up', 'PeakMemory', 'run_context', 'OtherLoad', 'data_parallel',
+           'train_run']
 
 # %% ../../nbs/experiment/01_run.ipynb #cfb51ee5
 ARCHS = ('cnn', *XRESNET_ARCHS)
-BACKENDS = ('eager', 'channels_last', 'compile', 'channels_last+compile')
-PRECISIONS = ('fp32', 'bf16', 'fp16')
 POOLS = ('max', 'avg')
 
 def _ops(arch, order, p):
@@ -134,12 +133,7 @@ def run_learner(cfg:RunConfig, cbs=None) -> Learner:
     dls = get_dls(cfg.data, size=cfg.size, bs=cfg.bs, num_workers=cfg.workers, pin_memory=default_device().type == 'cuda')
     set_seed(cfg.seed)
     learn = Learner(dls, build_model(cfg, dls.c).to(dls.device), metrics=accuracy, cbs=cbs)
-    if cfg.precision == 'bf16': learn.to_bf16()
-    if cfg.precision == 'fp16': learn.to_fp16()
-    backend = cfg.backend.split('+')
-    if 'channels_last' in backend: learn.to_channelslast(use_amp=False)
-    if 'compile' in backend: learn.model = torch.compile(learn.model)
-    return learn
+    return Setting(str(dls.device), cfg.precision, cfg.backend).apply(learn)
 
 # %% ../../nbs/experiment/01_run.ipynb #75425b22
 def _first_batches(dl, n):

@@ -9,14 +9,22 @@ from __future__ import annotations
 import importlib
 import torch, torch.nn as nn, torch.nn.functional as F
 import fastai.layers as fl
+from ..core.checks import did_you_mean
 
 # %% auto #0
-__all__ = ['ROLES', 'ACTIVATIONS', 'NORM_ACTS', 'FUNCTIONAL_ACTS', 'activation_facts', 'norm_act_norm', 'module_role',
-           'norm_act_parts', 'norm_act_forward_norm', 'function_act', 'op_name', 'register_act', 'register_norm',
-           'register_norm_act']
+__all__ = ['OPS', 'ALIASES', 'ROLES', 'NAMES', 'OP_OF', 'ACTIVATIONS', 'NORM_ACTS', 'FUNCTIONAL_ACTS', 'op_of', 'role_ops',
+           'op_names', 'activation_facts', 'norm_act_norm', 'module_role', 'op_role', 'norm_act_parts',
+           'norm_act_forward_norm', 'function_act', 'op_name', 'register_act', 'register_norm', 'register_norm_act']
 
 # %% ../../nbs/model/01_ops.ipynb #3388f2a7
-ROLES = ('conv', 'bn', 'act', 'pool', 'drop', 'norm_act')
+OPS = ('conv', 'bn', 'act', 'pool', 'drop')   # the ops a conv block puts in order: a `LayerOrder`'s
+ALIASES = {'norm': 'bn', 'relu': 'act', 'linear': 'conv'}   # the other spellings of them an order accepts
+ROLES = (*OPS, 'norm_act')   # what a module can be (`module_role`): an op, or a norm with its activation inside
+NAMES = ('conv', 'conv1x1', 'conv_bias', 'bn', 'act', 'maxpool', 'avgpool', 'drop', 'drop2d')   # the ops the commutation rules tell apart (`op_name`)
+# every name an op goes by, and the op of `OPS` it is: the ops, their aliases, the rules' names, and the parts a rewrite moves
+# ('norm_part': the norm of a norm+act module called alone; 'identity': a placeholder, no op)
+OP_OF = {**{o: o for o in OPS}, **ALIASES, 'conv1x1': 'conv', 'conv_bias': 'conv', 'maxpool': 'pool', 'avgpool': 'pool', 'drop2d': 'drop',
+         'norm_part': 'bn', 'identity': None}
 
 _pools = nn.modules.pooling
 _ROLE_TYPES = dict(
@@ -50,6 +58,24 @@ NORM_ACTS = {f'timm.layers.norm_act.{n}': norm for n,norm in dict(
     BatchNormAct2d=nn.BatchNorm2d, SyncBatchNormAct=nn.SyncBatchNorm, GroupNormAct=nn.GroupNorm, GroupNorm1Act=nn.GroupNorm,
     LayerNormAct=nn.LayerNorm, LayerNormAct2d='timm.layers.norm.LayerNorm2d').items()}
 
+# %% ../../nbs/model/01_ops.ipynb #0fe63813
+def op_of(name:str) -> str|None:
+    "The op of `OPS` that `name` (an op, an alias, a name of `NAMES`, 'norm_part' or 'identity') stands for: 'maxpool' is a 'pool', 'identity' none"
+    if name not in OP_OF: raise ValueError(f"Unknown op {name!r}: {did_you_mean(name, OP_OF)}expected one of {', '.join(OP_OF)}")
+    return OP_OF[name]
+
+def role_ops(role:str, m=None) -> tuple:
+    "The ops of `OPS` a module with `role` (or a name of `OP_OF`) computes: a norm+act module `m` is a norm and, unless its `act` is an identity, an activation"
+    if role == 'norm_act': return ('bn',) if type(getattr(m, 'act', None)) is nn.Identity else ('bn', 'act')
+    op = op_of(role)
+    return () if op is None else (op,)
+
+def op_names(ops, pool:str='max', drop:str='drop') -> tuple:
+    "The names of `NAMES` of `ops` (say a `LayerOrder`), its pooling `pool` ('max' or 'avg') and its dropout `drop` ('drop': element, 'drop2d': channel)"
+    if pool not in ('max', 'avg'): raise ValueError(f"`pool` must be 'max' or 'avg', got {pool!r}")
+    if drop not in ('drop', 'drop2d'): raise ValueError(f"`drop` must be 'drop' (element dropout) or 'drop2d' (channel dropout), got {drop!r}")
+    return tuple({'pool': f'{pool}pool', 'drop': drop}.get(o, o) for o in ops)
+
 # %% ../../nbs/model/01_ops.ipynb #ae132743
 def _path(cls): return f'{cls.__module__}.{cls.__qualname__}'
 
@@ -81,6 +107,12 @@ def module_role(m) -> str|None:
     if norm_act_norm(m) is not None: return 'norm_act'
     if activation_facts(m) is not None: return 'act'
     return next((r for r,types in _ROLE_TYPES.items() if isinstance(m, tuple(types))), None)
+
+def op_role(m, linear:bool=False) -> str|None:
+    "`module_role` of module `m`, but 'identity' for an `nn.Identity` (a placeholder, no op) and, if `linear`, 'linear' for an `nn.Linear` (a head's conv)"
+    if type(m) is nn.Identity: return 'identity'
+    if linear and isinstance(m, nn.Linear): return 'linear'
+    return module_role(m)
 
 # %% ../../nbs/model/01_ops.ipynb #2a05123f
 def norm_act_parts(m) -> tuple:

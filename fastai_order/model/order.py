@@ -6,16 +6,14 @@ Docs: https://fastai-order.github.io/fastai_order/model/order.html.md"""
 
 # %% ../../nbs/model/00_order.ipynb #d1ec177c
 from __future__ import annotations
-import re, difflib
+import re
 from fastcore.basics import store_attr
 import pandas as pd
+from ..core.checks import did_you_mean
+from .ops import OPS, ALIASES
 
 # %% auto #0
-__all__ = ['OPS', 'ALIASES', 'PRESETS', 'Preset', 'LayerOrder', 'list_presets']
-
-# %% ../../nbs/model/00_order.ipynb #95bdf4f4
-OPS = ('conv', 'bn', 'act', 'pool', 'drop')
-ALIASES = {'norm': 'bn', 'relu': 'act', 'linear': 'conv'}
+__all__ = ['PRESETS', 'Preset', 'LayerOrder', 'list_presets']
 
 # %% ../../nbs/model/00_order.ipynb #79c594c7
 class Preset:
@@ -38,10 +36,6 @@ PRESETS = {p.name: p for p in [
 def _allowed():
     return (f"allowed ops: {', '.join(OPS)} (aliases: {', '.join(f'{k}={v}' for k,v in ALIASES.items())}), "
             f"separated by '-' or '>'; or a preset: {', '.join(PRESETS)}")
-
-def _did_you_mean(tok):
-    close = difflib.get_close_matches(tok, [*OPS, *ALIASES, *PRESETS], n=1, cutoff=0.6)
-    return f"did you mean '{close[0]}'? " if close else ''
 
 def _parse(spec):
     "Tokens of `spec` (a string, list or tuple), or a preset's"
@@ -66,7 +60,7 @@ class LayerOrder:
         ops = []
         for t in toks:
             op = ALIASES.get(t, t)
-            if op not in OPS: raise ValueError(f"Unknown op {t!r} in order {spec!r}: {_did_you_mean(t)}{_allowed()}")
+            if op not in OPS: raise ValueError(f"Unknown op {t!r} in order {spec!r}: {did_you_mean(t, [*OPS, *ALIASES, *PRESETS])}{_allowed()}")
             if op in ops: raise ValueError(f"Op {op!r} appears twice in order {spec!r}: each op may appear at most once")
             ops.append(op)
         if 'conv' not in ops: raise ValueError(f"Order {spec!r} has no 'conv': every order contains a conv; {_allowed()}")

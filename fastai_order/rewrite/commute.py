@@ -12,11 +12,11 @@ import torch, torch.nn as nn
 import pandas as pd
 from fastcore.basics import store_attr
 from ..model.order import LayerOrder
-from ..model.ops import activation_facts
+from ..model.ops import NAMES, activation_facts, op_of, op_names
 
 # %% auto #0
-__all__ = ['NAMES', 'MODES', 'CONDITIONS', 'COSTS', 'ActInfo', 'act_info', 'Verdict', 'commutes', 'rules_table', 'order_cost',
-           'equivalent_orders', 'cheapest_equivalent', 'conditions_of']
+__all__ = ['MODES', 'CONDITIONS', 'COSTS', 'ActInfo', 'act_info', 'Verdict', 'check_mode', 'commutes', 'rules_table', 'cost_of',
+           'order_cost', 'Rewrites', 'equivalent_orders', 'cheapest_equivalent', 'conditions_of']
 
 # %% ../../nbs/rewrite/01_commute.ipynb #b835f585
 class ActInfo:
@@ -61,7 +61,6 @@ def act_info(act, mode='eval') -> ActInfo:
     return ActInfo(name, nd, hom, zero, linear=cls is nn.Identity)
 
 # %% ../../nbs/rewrite/01_commute.ipynb #eefdce6e
-NAMES = ('conv', 'conv1x1', 'conv_bias', 'bn', 'act', 'maxpool', 'avgpool', 'drop', 'drop2d')
 MODES = ('train', 'eval')
 CONDITIONS = {
     'bn_scale_nonneg': 'every BN scale γ/√(σ²+ε) is ≥ 0 (every γ ≥ 0)',
@@ -157,7 +156,8 @@ def _check_name(v, what='op'):
     if v not in NAMES: raise ValueError(f"Unknown {what} {v!r}: expected one of {', '.join(NAMES)}")
     return v
 
-def _check_mode(mode):
+def check_mode(mode:str) -> str:
+    "`mode` if it is one of `MODES`, else a `ValueError` naming it"
     if mode not in MODES: raise ValueError(f"`mode` must be 'train' or 'eval', got {mode!r}")
     return mode
 
@@ -177,7 +177,7 @@ def _settle(rule, conditions, empirical):
 
 def commutes(a:str, b:str, mode:str='train', act=None, **conditions) -> Verdict:
     "Whether neighbouring ops `a` and `b` (names in `NAMES`) compute the same in either order, in `mode`"
-    a,b,mode = _check_name(a),_check_name(b),_check_mode(mode)
+    a,b,mode = _check_name(a),_check_name(b),check_mode(mode)
     f = act_info(act, mode) if act is not None else None
     empirical = bool(f and f.empirical and 'act' in (a, b))
     if a == b: return Verdict('exact', 'the same op twice')
@@ -204,26 +204,19 @@ COSTS = {
     'train': dict(conv=0, conv1x1=6, conv_bias=3, bn=8, act=5, maxpool=3, avgpool=2.5, drop=6, drop2d=4),
     'eval': dict(conv=0, conv1x1=2, conv_bias=2, bn=2, act=2, maxpool=1.25, avgpool=1.25, drop=0, drop2d=0),
 }
-_POOLS = ('maxpool', 'avgpool')
-
-def _names(order, pool, drop):
-    "The op names of a `LayerOrder` spec, with its pool and dropout kinds"
-    if pool not in ('max', 'avg'): raise ValueError(f"`pool` must be 'max' or 'avg', got {pool!r}")
-    if drop not in ('drop', 'drop2d'): raise ValueError(f"`drop` must be 'drop' (element dropout) or 'drop2d' (channel dropout), got {drop!r}")
-    return tuple({'pool': f'{pool}pool', 'drop': drop}.get(o, o) for o in LayerOrder(order))
-
-def _layer_order(names): return LayerOrder(['pool' if n in _POOLS else 'drop' if n in ('drop', 'drop2d') else n for n in names])
-
-def _cost(names, mode, pool_factor):
+def cost_of(names, mode:str='train', pool_factor:float=4.) -> float:
+    "Elements the ops `names` (of `NAMES`) touch per conv output element under the cost model (`COSTS`), each pool dividing what follows by `pool_factor`"
     size,cost = 1.,0.
     for n in names:
         cost += COSTS[mode][n] * size
-        if n in _POOLS: size /= pool_factor
+        if op_of(n) == 'pool': size /= pool_factor
     return cost
+
+def _layer_order(names): return LayerOrder([op_of(n) for n in names])
 
 def order_cost(order, mode='train', pool='max', drop='drop', pool_factor=4.) -> float:
     "Elements `order`'s ops touch per conv output element under the cost model (`COSTS`)"
-    return _cost(_names(order, pool, drop), _check_mode(mode), pool_factor)
+    return cost_of(op_names(LayerOrder(order), pool, drop), check_mode(mode), pool_factor)
 
 def _moves(names, mode, act, conditions):
     "(order, reason) one exact rewrite away from `names`: a swap of commuting neighbours, or, in eval, a BN fold or a dropout removal"
@@ -236,32 +229,32 @@ def _moves(names, mode, act, conditions):
             if n == 'bn' and i and names[i-1] == 'conv':
                 yield names[:i] + names[i+1:], 'bn folded into the conv: eval BN is a per-channel affine map'
 
-def _search(start, mode, act, conditions):
-    "Every order reachable from `start` by exact rewrites, mapped to (the order it came from, the rewrite's reason)"
-    seen,todo = {start: None},deque([start])
-    while todo:
-        cur = todo.popleft()
-        for nxt,why in _moves(cur, mode, act, _check_conditions(conditions)):
-            if nxt not in seen: seen[nxt] = (cur, why); todo.append(nxt)
-    return seen
-
-def _steps(seen, names):
-    "The reasons of the rewrites that lead to `names` in a `_search` result, first first"
-    steps = []
-    while seen[names]: names,why = seen[names]; steps.insert(0, why)
-    return steps
-
-def _cheapest(seen, mode, pool_factor):
-    return min(seen, key=lambda n: (_cost(n, mode, pool_factor), len(n)))
+class Rewrites:
+    "Every sequence of op names (of `NAMES`) that exact rewrites reach from `start` in `mode`: each with the steps to it, their cost, and the cheapest"
+    def __init__(self, start, mode:str='train', act=None, **conditions):
+        self.start, self.mode = tuple(start), check_mode(mode)
+        self.seen, todo = {self.start: None}, deque([self.start])   # each reached sequence: (the one it came from, the rewrite's reason)
+        while todo:
+            cur = todo.popleft()
+            for nxt,why in _moves(cur, mode, act, _check_conditions(conditions)):
+                if nxt not in self.seen: self.seen[nxt] = (cur, why); todo.append(nxt)
+    def __iter__(self): return iter(self.seen)
+    def steps(self, names) -> list:
+        "The reasons of the rewrites that lead to `names`, first first"
+        steps, names = [], tuple(names)
+        while self.seen[names]: names,why = self.seen[names]; steps.insert(0, why)
+        return steps
+    def cheapest(self, pool_factor:float=4., keep=None) -> tuple:
+        "The cheapest of them under the cost model (among equals, the shortest, then the nearest); of those `keep(names)` accepts if given"
+        return min((n for n in self.seen if keep is None or keep(n)), key=lambda n: (cost_of(n, self.mode, pool_factor), len(n)))
 
 def equivalent_orders(order, mode='train', act=nn.ReLU, pool='max', drop='drop', **conditions) -> list:
     "Every order that computes exactly what `order` does in `mode`, nearest first (`order` itself first)"
-    return [_layer_order(n) for n in _search(_names(order, pool, drop), _check_mode(mode), act, conditions)]
+    return [_layer_order(n) for n in Rewrites(op_names(LayerOrder(order), pool, drop), mode, act, **conditions)]
 
 def cheapest_equivalent(order, mode='train', act=nn.ReLU, pool='max', drop='drop', pool_factor=4., **conditions) -> LayerOrder:
     "The cheapest order equivalent to `order` in `mode` under the cost model (among equals, the shortest, then the nearest)"
-    seen = _search(_names(order, pool, drop), _check_mode(mode), act, conditions)
-    return _layer_order(_cheapest(seen, mode, pool_factor))
+    return _layer_order(Rewrites(op_names(LayerOrder(order), pool, drop), mode, act, **conditions).cheapest(pool_factor))
 
 def conditions_of(modules, mode='eval') -> dict:
     "The facts `commutes` may ask for, read from built `modules` (BN γ and statistics in eval, average pool padding, PReLU weights in eval)"

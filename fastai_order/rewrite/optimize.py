@@ -6,38 +6,33 @@ Docs: https://fastai-order.github.io/fastai_order/rewrite/optimize.html.md"""
 
 # %% ../../nbs/rewrite/02_optimize.ipynb #4af1e04d
 from __future__ import annotations
-import copy, time, statistics, contextlib, warnings
+import contextlib, functools, warnings
 from collections import Counter, OrderedDict, namedtuple
 import torch, torch.nn as nn, torch.fx as fx
 import torch.utils._pytree as pytree
 import pandas as pd
-from torch.nn.utils import parametrize, prune
+from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torch.nn.utils.weight_norm import WeightNorm
-from torch.nn.utils.spectral_norm import SpectralNorm
 from fastcore.basics import patch, store_attr
 from fastai.learner import Learner
 from fastai.callback.fp16 import MixedPrecision, AMPMode
-from .swap import BLOCK_TYPES, HOOK_ATTRS, TracedForward, own_graphs, set_forwards, attributes_kept
-from ..model.ops import op_name, module_role, norm_act_norm, norm_act_parts
-from .commute import conditions_of, _search, _steps, _cheapest, _cost, _check_mode
-from ..core.checks import check_module, check_number, check_int
+from .graph import BLOCK_TYPES, HOOK_ATTRS, TracedForward, OpTracer, own_graphs, set_forwards, attributes_kept, op_runs
+from ..model.ops import op_name, op_of, module_role, norm_act_norm, norm_act_parts
+from .commute import conditions_of, Rewrites, cost_of, check_mode
+from .proof import (REPARAMS, ROUNDING_MARGIN, REFUSED, copy_model, model_kept, run_model, output_errors, rounding_sensitivity,
+                                        group_error, run_precision, drift_of, drift_fails, tolerances, check_equivalence)
+from ..timing.paired import paired_times
+from ..core.checks import check_module, check_number, check_int, check_bool
 
 # %% auto #0
-__all__ = ['ROUNDING_MARGIN', 'plan_rewrites', 'model_kept', 'rounding_sensitivity', 'OptimizeReport', 'optimize_order']
+__all__ = ['plan_rewrites', 'OptimizeReport', 'optimize_order']
 
 # %% ../../nbs/rewrite/02_optimize.ipynb #b7017a8f
-class _Tracer(fx.Tracer):
-    "A tracer that stops at every module the rules know (fastai's activations and the like included), and at norm+act modules if asked"
-    def __init__(self, norm_acts=False): super().__init__(); self.norm_acts = norm_acts
-    def is_leaf_module(self, m, qualname):
-        return op_name(m) is not None or (self.norm_acts and module_role(m) == 'norm_act') or super().is_leaf_module(m, qualname)
-
 def _trace_model(model, mode=None, norm_acts=False):
     "The torch.fx graph of `model` in `mode` (None: as it is); the model's flags and caches are left as they were"
     with attributes_kept(model):
         if mode is not None: model.train(mode == 'train')
-        try: return _Tracer(norm_acts).trace(model)
+        try: return OpTracer(lambda m: op_name(m) is not None or (norm_acts and module_role(m) == 'norm_act')).trace(model)   # the modules the rules know
         except Exception as e:
             raise ValueError(f"optimize_order reads the order of ops from a torch.fx trace of the model, and tracing "
                              f"{type(model).__name__} failed: {e}") from e
@@ -60,26 +55,20 @@ def _chains(model, mode=None):
     "Runs of `_Slot`s (path, module, op name, calling module) in which each module's output feeds only the next, in the order `forward` calls them"
     graph = _trace_model(model, mode)
     calls, homes, read = _uses(graph, model)
-    chains, cur = [], []
-    for n in graph.nodes:
+    def op_at(n):
         m = model.get_submodule(n.target) if n.op == 'call_module' else None
         name = op_name(m) if m is not None and calls[n.target] == 1 and homes[id(m)] == 1 and n.target not in read else None
-        follows = cur and n.args == (cur[-1][0],) and not n.kwargs and len(cur[-1][0].users) == 1
-        if name is None or not follows:
-            if len(cur) > 1: chains.append([s for _,s in cur])
-            cur = []
-        if name is not None: cur.append((n, _Slot(n.target, m, name, _caller(n))))
-    return chains
+        if name is None: return None
+        return _Slot(n.target, m, name, _caller(n)), (n.args[0] if len(n.args) == 1 and not n.kwargs else None)
+    return [c for c in op_runs(graph, op_at) if len(c) > 1]
 
-_KIND = dict(maxpool='pool', avgpool='pool', drop='drop', drop2d='drop')
-
-def _groups(chain, mode):
+def _rewrite_groups(chain, mode):
     "Split `chain` into groups with one op of each kind (dropout, which goes, aside in eval); keep those with a conv and more"
     groups, cur = [], []
     free = ('identity', 'drop', 'drop2d') if mode == 'eval' else ('identity',)
     for s in chain:
-        kinds = {_KIND.get(c.name, c.name) for c in cur if c.name not in free}
-        if s.name not in free and _KIND.get(s.name, s.name) in kinds: groups.append(cur); cur = []
+        kinds = {op_of(c.name) for c in cur if c.name not in free}
+        if s.name not in free and op_of(s.name) in kinds: groups.append(cur); cur = []
         cur.append(s)
     groups.append(cur)
     return [g for g in groups if 'conv' in [s.name for s in g] and sum(s.name != 'identity' for s in g) > 1]
@@ -92,12 +81,11 @@ def _pairs(chain):
 # %% ../../nbs/rewrite/02_optimize.ipynb #53a4e3c2
 _CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 _BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
-_REPARAMS = (WeightNorm, SpectralNorm, prune.BasePruningMethod)   # hooks that compute a weight from others
 
 def _foldable(conv, bn):
     "Whether `bn` folds exactly into `conv`: torch's own forwards (no weight standardization), `bn` with running statistics"
     weight = 'weight' in conv._parameters or parametrize.is_parametrized(conv, 'weight') or \
-             any(isinstance(h, _REPARAMS) for h in conv._forward_pre_hooks.values())
+             any(isinstance(h, REPARAMS) for h in conv._forward_pre_hooks.values())
     return type(conv).forward in _CONV_FORWARDS and type(bn).forward in _BN_FORWARDS and bn.running_mean is not None and weight
 
 def _frozen(owner):
@@ -130,12 +118,12 @@ class _Plan:
         self.before = tuple(s.name for s in group if s.name != 'identity')
         drops = [n for n in self.before if n in ('drop', 'drop2d')] if mode == 'eval' else []
         core = tuple(n for n in self.before if n not in drops)   # in eval dropout goes first
-        seen = _search(core, mode, mods.get('act'), conditions_of(mods.values(), mode))
-        if 'bn' in core and not ('conv' in core and _foldable(mods['conv'], mods['bn'])): seen = {o: w for o,w in seen.items() if 'bn' in o}
-        self.after = _cheapest(seen, mode, pool_factor)
-        self.steps = [f'{n} removed: dropout is the identity in evaluation' for n in drops] + _steps(seen, self.after)
+        rw = Rewrites(core, mode, mods.get('act'), **conditions_of(mods.values(), mode))
+        keep_bn = 'bn' in core and not ('conv' in core and _foldable(mods['conv'], mods['bn']))   # a BN that cannot fold stays
+        self.after = rw.cheapest(pool_factor, keep=(lambda o: 'bn' in o) if keep_bn else None)
+        self.steps = [f'{n} removed: dropout is the identity in evaluation' for n in drops] + rw.steps(self.after)
         self.fold = 'bn' in self.before and 'bn' not in self.after
-        self.costs = [_cost(o, mode, pool_factor) for o in (self.before, self.after)]
+        self.costs = [cost_of(o, mode, pool_factor) for o in (self.before, self.after)]
         self.changed = self.after != self.before
 
 def _pool_factor(group):
@@ -148,9 +136,9 @@ def _pool_factor(group):
 
 def plan_rewrites(model, mode='train') -> list:
     "The rewrite of each group of `model` that has a cheaper exact order in `mode`, and in eval of each conv → BN pair between groups (nothing is changed)"
-    check_module(model, 'plan_rewrites', learner=False); _check_mode(mode)
+    check_module(model, 'plan_rewrites', learner=False); check_mode(mode)
     chains = _chains(model, mode)
-    plans = [p for c in chains for g in _groups(c, mode) if (p := _Plan(g, mode, _pool_factor(g))).changed]
+    plans = [p for c in chains for g in _rewrite_groups(c, mode) if (p := _Plan(g, mode, _pool_factor(g))).changed]
     if mode == 'eval':   # a conv and the BN after it that the groups keep apart (pre-activation chains) fold on their own
         taken = {s for p in plans for s in p.slots}
         plans += [p for c in chains for g in _pairs(c) if not taken & {s.path for s in g} and (p := _Plan(g, mode, 1.)).changed]
@@ -159,10 +147,6 @@ def plan_rewrites(model, mode='train') -> list:
     return [p for p in plans if None not in p.freeze]
 
 # %% ../../nbs/rewrite/02_optimize.ipynb #7a93f2f8
-def _set(model, path, m):
-    parent, _, key = path.rpartition('.')
-    model.get_submodule(parent)._modules[key] = m
-
 def _block_region(model, slots):
     "(block path, keys of its slots, sibling paths after it) when `slots` fill the end of a conv block, else None"
     block_path = slots[0].rpartition('.')[0]
@@ -180,25 +164,14 @@ def _block_region(model, slots):
         if not isinstance(model.get_submodule(parent_path), nn.Sequential) or siblings[i+1:i+1+len(rest)] != [s.rpartition('.')[2] for s in rest]: return None
     return block_path, keys, rest
 
-def _copy(model):
-    "A deep copy of `model`; a weight that a hook-based reparametrization (old `weight_norm` or `spectral_norm`, pruning) computed, which cannot be deep-copied, is copied as a plain tensor"
-    names = [(m, getattr(h, 'name', None) or h._tensor_name) for m in model.modules() for h in m._forward_pre_hooks.values() if isinstance(h, _REPARAMS)]
-    held = [(m, k, vars(m).pop(k)) for m,k in names if k in vars(m)]
-    try: res = copy.deepcopy(model)
-    finally:
-        for m,k,w in held: setattr(m, k, w)
-    copies = {id(m): c for m,c in zip(model.modules(), res.modules())}
-    for m,k,w in held: setattr(copies[id(m)], k, w.detach().clone())
-    return res
-
-def _f64(model): return _copy(model).to('cpu', torch.float64)
+def _f64(model): return copy_model(model).to('cpu', torch.float64)
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 def _plain(conv):
     "A float64 copy of `conv` in eval whose weight is a plain parameter: a parametrization, weight or spectral norm, or pruning baked in"
     c = _f64(conv).eval()
-    hooks = [h for h in c._forward_pre_hooks.values() if isinstance(h, _REPARAMS)]
+    hooks = [h for h in c._forward_pre_hooks.values() if isinstance(h, REPARAMS)]
     if not hooks and not parametrize.is_parametrized(c): return c
     for h in hooks: h(c, None)   # each sets the weight it computes, as before a forward
     # a new conv rather than `remove_parametrizations`, which deletes the weight from the class a deep copy shares with the original
@@ -218,7 +191,7 @@ def _split(model, path):
     "Put norm+act module `path` of `model` as an `nn.Sequential` of its BatchNorm (sharing its tensors), dropout and activation"
     m = model.get_submodule(path)
     norm, drop, act = norm_act_parts(m)
-    _set(model, path, nn.Sequential(OrderedDict(bn=norm, drop=drop, act=act)).train(m.training))
+    model.set_submodule(path, nn.Sequential(OrderedDict(bn=norm, drop=drop, act=act)).train(m.training))
     return path
 
 def _apply(model, plan):
@@ -234,102 +207,23 @@ def _apply(model, plan):
     if region:
         block_path, keys, rest = region
         block = model.get_submodule(block_path)
-        key_of = {n: p.rpartition('.')[2] if p.rpartition('.')[0] == block_path else _KIND.get(n, n) for n,p in slot_of.items()}
+        key_of = {n: p.rpartition('.')[2] if p.rpartition('.')[0] == block_path else op_of(n) for n,p in slot_of.items()}
         head = [(k, m) for k,m in block._modules.items() if k not in keys]
         block._modules.clear(); block._modules.update(head + [(key_of[n], m) for n,m in new])
-        for p in rest: _set(model, p, nn.Identity())
+        for p in rest: model.set_submodule(p, nn.Identity())
         return chain
     for i,p in enumerate(plan.slots):
         n = op_name(model.get_submodule(p))
-        if new and new[0][0] == n: _set(model, p, new.pop(0)[1])   # in place (a conv may have taken in its BN)
-        elif n == 'identity' or n not in plan.after: _set(model, p, nn.Identity())
+        if new and new[0][0] == n: model.set_submodule(p, new.pop(0)[1])   # in place (a conv may have taken in its BN)
+        elif n == 'identity' or n not in plan.after: model.set_submodule(p, nn.Identity())
         else: break
     else: return chain
-    for p in plan.slots[i:-1]: _set(model, p, nn.Identity())
-    _set(model, plan.slots[-1], new[0][1] if len(new) == 1 else nn.Sequential(*[m for _,m in new]))
+    for p in plan.slots[i:-1]: model.set_submodule(p, nn.Identity())
+    model.set_submodule(plan.slots[-1], new[0][1] if len(new) == 1 else nn.Sequential(*[m for _,m in new]))
     return chain
 
 # %% ../../nbs/rewrite/02_optimize.ipynb #ac964d0a
-def _rel_err(a, b):
-    "max |a − b| relative to max |b|, the worst over the tensors of outputs `a` and `b` (tensors or lists of them)"
-    if isinstance(a, torch.Tensor): a, b = [a], [b]
-    if len(a) != len(b): return float('inf')
-    errs = [0.]
-    for p,q in zip(a, b):
-        if p is None or q is None:
-            if p is not q: return float('inf')
-            continue
-        p, q = p.detach().double().cpu(), q.detach().double().cpu()
-        if p.shape != q.shape: return float('inf')
-        if p.numel(): errs.append(((p - q).abs().max() / q.abs().max().clamp_min(1e-30)).item())
-    return max(errs, key=lambda e: (e != e, e))   # NaN is the worst
-
 def _paths(model): return {id(m): p for p,m in model.named_modules()}
-
-@contextlib.contextmanager
-def model_kept(
-    model:nn.Module, # the model to run
-    mode:str, # 'train' or 'eval'
-    dropout:bool=True, # False: dropout off (in eval mode), also in training
-):
-    "`model` in `mode` for the block, dropout off unless `dropout`; its train/eval flags, caches and buffers (BN statistics) are put back afterwards"
-    bufs = [(b, b.detach().clone()) for b in model.buffers()]
-    with attributes_kept(model):
-        try:
-            model.train(mode == 'train')
-            if not dropout:
-                for d in model.modules():
-                    if isinstance(d, nn.modules.dropout._DropoutNd): d.eval()
-            yield model
-        finally:
-            with torch.no_grad():
-                for b,v in bufs: b.copy_(v)
-
-def _leaves(y, model):
-    "The tensors (and Nones) of output `y`, in order; any other output is refused"
-    leaves = pytree.tree_leaves(y)
-    bad = next((l for l in leaves if l is not None and not isinstance(l, torch.Tensor)), None)
-    if bad is not None or not any(isinstance(l, torch.Tensor) for l in leaves): raise TypeError(
-        f"optimize_order compares a model's outputs, which must be tensors or tuples, lists or dicts of them; "
-        f"{type(model).__name__} returned {'a ' + type(bad).__name__ if bad is not None else 'no tensor'} among them")
-    return leaves
-
-def _grads(model, x, ys):
-    "Gradients of outputs `ys` (each against a random cotangent) of `model` by parameter name, and of the input `x`"
-    outs = [y for y in ys if y is not None and y.requires_grad]
-    if not outs: return {}
-    gen = torch.Generator().manual_seed(1)
-    cots = [torch.randn(y.shape, generator=gen).to(y) for y in outs]
-    params = [(n, p) for n,p in model.named_parameters() if p.requires_grad]
-    gs = torch.autograd.grad(outs, [x] + [p for _,p in params], cots, allow_unused=True)
-    return {n: g for n,g in zip(['input'] + [n for n,_ in params], gs) if g is not None}
-
-def _run(model, x, mode, watch=(), dropout=True, grads=True):
-    "Outputs, gradients by parameter name (train, `grads`) and the inputs of the modules at `watch` of `model` on `x` (`dropout=False`: dropout off); `model` is left as it was"
-    seen, train = {}, mode == 'train'
-    hooks = [model.get_submodule(p).register_forward_pre_hook(lambda mod, a, p=p: seen.__setitem__(p, a[0].detach().clone())) for p in watch]   # a clone: the forward may change it in place
-    x = x.detach().clone().requires_grad_(train)
-    try:
-        with model_kept(model, mode, dropout), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), torch.set_grad_enabled(train):
-            torch.manual_seed(0)
-            ys = _leaves(model(x), model)
-            g = _grads(model, x, ys) if train and grads else {}
-    finally:
-        for h in hooks: h.remove()
-    return [None if y is None else y.detach() for y in ys], g, seen
-
-def _grad_name(n, moved):
-    "The name in the original model of parameter `n` of the rewritten one"
-    path, _, leaf = n.rpartition('.')
-    return f'{moved.get(path, path)}.{leaf}' if path in moved else n
-
-def _errors(run, ref, moved={}):
-    "(output error, gradient error or None) of the `_run` result `run` against `ref`, relative to the largest output and gradient"
-    (y, g), (y0, g0) = run[:2], ref[:2]
-    if not g0: return _rel_err(y, y0), None
-    g0 = {n: v.detach().double().cpu() for n,v in g0.items()}
-    scale = max(v.abs().max() for v in g0.values()).clamp_min(1e-30)   # a gradient that is 0 up to rounding has no scale of its own
-    return _rel_err(y, y0), max(((v.detach().double().cpu() - g0[_grad_name(n, moved)]).abs().max() / scale).item() for n,v in g.items())
 
 def _splits(model):
     "Paths of the norm+act modules with a BatchNorm inside that take a conv's output alone, which the BatchNorm can fold into"
@@ -349,7 +243,7 @@ def _splits(model):
 
 def _warn_hooks(m, path, fate):
     "Warn that the hooks on module `m` at `path` are not called as before: the rewritten model `fate`"
-    kinds = [k.replace('_', ' ') for k,a in HOOK_ATTRS.items() if any(not isinstance(h, _REPARAMS) for h in getattr(m, a).values())]
+    kinds = [k.replace('_', ' ') for k,a in HOOK_ATTRS.items() if any(not isinstance(h, REPARAMS) for h in getattr(m, a).values())]
     if kinds: warnings.warn(f"optimize_order: {path} ({type(m).__name__}) has {' and '.join(kinds)} hooks, but the rewritten model {fate}")
 
 def _warn_plan(model, plan):
@@ -364,62 +258,31 @@ def _warn_plan(model, plan):
         else: continue
         _warn_hooks(m, p, fate)
 
-def _nudge(params, back=False, seed=0):
-    "Move each of `params` to a neighbouring float, up or down at random (`back`: undo it, exactly)"
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            up = (torch.rand(p.shape, generator=g) < 0.5).to(p.device) ^ back
-            p.copy_(torch.nextafter(p, torch.where(up, torch.inf, -torch.inf).to(p.dtype)))
-
-def rounding_sensitivity(
-    model:nn.Module, # the model, left as it was
-    x:torch.Tensor, # the batch to run it on
-    mode:str='eval', # 'train' (outputs and gradients) or 'eval'
-    ref=None, # its `_run` on `x`, if made already
-) -> tuple:
-    "(output, gradient or None) change of `model` on `x` when every parameter moves by one rounding, to a neighbouring float: how much the model amplifies rounding"
-    if ref is None: ref = _run(model, x, mode)
-    params = [p for p in model.parameters() if p.is_floating_point()]
-    _nudge(params)
-    try: return _errors(_run(model, x, mode), ref)
-    finally: _nudge(params, back=True)
-
-def _group_error(old, new, x, mode):
-    "Output error of a group's new modules `new` against its old ones `old` (each in the order they are called), run alone on the group's input `x`"
-    outs = []
-    for mods in (old, new):
-        seq = nn.Sequential(*mods)
-        with model_kept(seq, mode), torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(0)   # the same dropout masks
-            outs.append(seq(x.clone()))
-    return _rel_err(outs[1], outs[0])
-
 def _rewrite(model, mode, x, max_rounds=8, no_dropout=False):
     "Rewrite float64 copy `model` in rounds until nothing cheaper is left, checking each group on its input from `x`"
     start, steps, plans, errors, frozen = _paths(model), [], [], [], []
     splits = _splits(model) if mode == 'eval' else []
     todo = [] if splits else plan_rewrites(model, mode)
-    run0 = run = _run(model, x, mode, [p.slots[0] for p in todo])   # the original, and each group's input
+    run0 = run = run_model(model, x, mode, [p.slots[0] for p in todo])   # the original, and each group's input
     sensitivity = rounding_sensitivity(model, x, mode, run0)
-    run0d = _run(model, x, mode, dropout=False) if no_dropout else run0
+    run0d = run_model(model, x, mode, dropout=False) if no_dropout else run0
     if splits:
         for p in splits:
             _warn_hooks(model.get_submodule(p), p, 'no longer calls it: it is split into its BatchNorm, dropout and activation')
             steps.append(('split', _split(model, p)))
         todo = plan_rewrites(model, mode)
-        run = _run(model, x, mode, [p.slots[0] for p in todo], grads=not todo)
+        run = run_model(model, x, mode, [p.slots[0] for p in todo], grads=not todo)
     for i in range(max_rounds):   # a rewrite can bring ops of neighbouring groups together, hence rounds
         if not todo: break
         for p in todo:
             _warn_plan(model, p)
             frozen += [o for o,_ in p.freeze if not _frozen(model.get_submodule(o)) and o not in frozen]
             old = [model.get_submodule(s) for s in p.slots]
-            errors.append(_group_error(old, _apply(model, p), run[2][p.slots[0]], mode)); steps.append(('plan', p))
+            errors.append(group_error(old, _apply(model, p), run[2][p.slots[0]], mode)); steps.append(('plan', p))
         plans += todo
         todo = plan_rewrites(model, mode) if i + 1 < max_rounds else []
-        run = _run(model, x, mode, [p.slots[0] for p in todo], grads=not todo)
-    rund = _run(model, x, mode, dropout=False) if no_dropout else run
+        run = run_model(model, x, mode, [p.slots[0] for p in todo], grads=not todo)
+    rund = run_model(model, x, mode, dropout=False) if no_dropout else run
     moved = {p: start[i] for i,p in _paths(model).items() if i in start and start[i] != p}
     return dict(steps=steps, plans=plans, moved=moved, errors=errors, frozen=frozen, refs=(run0, run), drift_refs=(run0d, rund), sensitivity=sensitivity)
 
@@ -439,26 +302,21 @@ def _layout_hazard(model, x, mode) -> str|None:
             return (f"in training on the CPU, torch's channels_last backward of {p} (a 1×1 conv of stride {max(m.stride)} on "
                     f"{m.in_channels // m.groups} channels, fewer than 16) writes out of bounds (oneDNN issue 6035: a crash or wrong weight gradients)")
 
-def _sync(x):
-    if x.is_cuda: torch.cuda.synchronize(x.device)
-
 def _time(models, x, mode, reps=5) -> list:
-    "Median seconds per call (forward, and backward in 'train') of each of `models` on `x`, in alternating order; each is left as it was"
-    train, times = mode == 'train', [[] for _ in models]
+    "Median seconds per call (forward, and backward in 'train') of each of `models` on `x`: `paired_times`, `reps` repeats after a warm-up round; each model is left as it was"
+    train = mode == 'train'
+    def step(m, ps):
+        with torch.set_grad_enabled(train):
+            y = m(x)
+            ys = [l.float().sum() for l in pytree.tree_leaves(y) if isinstance(l, torch.Tensor) and l.requires_grad] if train else []
+            if ys and ps: torch.autograd.grad(sum(ys), ps, allow_unused=True)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=[x.device] if x.is_cuda else []))
         for m in models: stack.enter_context(model_kept(m, mode))
-        params = [[p for p in m.parameters() if p.requires_grad] for m in models]
-        for r in range(reps + 1):
-            for m,ps,t in zip(models, params, times):
-                with torch.set_grad_enabled(train):
-                    _sync(x); start = time.perf_counter()
-                    y = m(x)
-                    if train:
-                        ys = [l.float().sum() for l in pytree.tree_leaves(y) if isinstance(l, torch.Tensor) and l.requires_grad]
-                        if ys and ps: torch.autograd.grad(sum(ys), ps, allow_unused=True)
-                    _sync(x); t.append(time.perf_counter() - start)
-    return [statistics.median(t[1:]) for t in times]
+        arms = {f'model{i}': functools.partial(step, m, [p for p in m.parameters() if p.requires_grad]) for i,m in enumerate(models)}
+        t = paired_times(arms, repeats=reps, warmup=1, device=x.device)
+    return [float(t[a].median()) for a in arms]
+
 
 # %% ../../nbs/rewrite/02_optimize.ipynb #b55545fd
 class OptimizeReport:
@@ -503,50 +361,6 @@ def _example(model):
     p = next(conv.parameters())
     return torch.randn(8, conv.in_channels, *[{1: 256, 2: 64, 3: 16}[nd]] * nd, device=p.device, dtype=p.dtype)
 
-def _dtype_name(dt): return str(dt).replace('torch.', '')
-
-def _precision(x, autocast=None):
-    "(a context to run the model in, the run precision in words, one rounding of it) for the example batch `x`"
-    dev = x.device.type
-    if autocast is None and torch.is_autocast_enabled(dev): autocast = torch.get_autocast_dtype(dev)   # the caller's autocast
-    ctx = (lambda: torch.autocast(dev, dtype=autocast)) if autocast else contextlib.nullcontext
-    low = autocast or x.dtype
-    tf32 = dev == 'cuda' and low == torch.float32 and torch.backends.cudnn.allow_tf32
-    name = _dtype_name(x.dtype) + (f' under autocast({_dtype_name(autocast)})' if autocast else '') + (' with TF32 convs' if tf32 else '')
-    return ctx, name, 2.**-11 if tf32 else torch.finfo(low).eps / 2
-
-def _drift(model, ref, x, mode, ctx):
-    "(output, gradient) error of `model` on `x` at its run precision (`ctx`) against its float64 `_run` `ref`, dropout off"
-    with ctx(): return _errors(_run(model, x, mode, dropout=False), ref)
-
-def _drift_fails(d0, d1, drift, unit):
-    "The first of 'outputs', 'gradients' whose drift `d1` exceeds `drift`× the original's `d0` plus one rounding `unit`, else None"
-    return next((what for what,a,b in zip(('outputs', 'gradients'), d0, d1) if b is not None and not b <= drift * a + unit), None)   # NaN fails
-
-_REFUSED = "optimize_order refused ({}): {} Nothing was changed."
-_GROUP_TOL = 1e-9   # a group's float64 check: its own rounding is ~1e-15, so whatever `tol` is, a group may be off by no more
-ROUNDING_MARGIN = 100   # the default model tolerance allows this many times what one rounding of every parameter changes
-
-def _tolerances(tol, grad_tol, sensitivity):
-    "The model's float64 tolerances: `tol` and `grad_tol` as given, or where None the larger of 1e-9 and `ROUNDING_MARGIN` × its `sensitivity`"
-    auto = lambda t, s: t if t is not None else max(_GROUP_TOL, ROUNDING_MARGIN * (s or 0))
-    return auto(tol, sensitivity[0]), auto(grad_tol, sensitivity[1])
-
-def _check_equivalence(plans, errors, error, grad_error, tol, grad_tol, sensitivity):
-    "Raise naming the first group, or else the model's outputs or gradients, that differ by more than the tolerances in float64"
-    gtol = _GROUP_TOL if tol is None else min(tol, _GROUP_TOL)
-    bad = next(((p, e) for p,e in zip(plans, errors) if not e <= gtol), None)
-    lim = f'tol={gtol:g}' if tol in (None, gtol) else f'{gtol:g} (a group is held to min(tol, {_GROUP_TOL:g}), not tol={tol:g})'
-    if bad: raise ValueError(_REFUSED.format('equivalence', f"in float64 the rewrite of {bad[0].slots[0]} {'-'.join(bad[0].before)} → "
-        f"{'-'.join(bad[0].after)} changes the group's output by {bad[1]:.2e} (relative), more than {lim}: it computes another function."))
-    tols = _tolerances(tol, grad_tol, sensitivity)
-    for what, name, err, given, t, s in zip(('outputs', 'gradients'), ('tol', 'grad_tol'), (error, grad_error), (tol, grad_tol), tols, sensitivity):
-        if err is None or err <= t: continue
-        lim = f'{name}={t:g}' + ('' if given is not None else f" (the larger of {_GROUP_TOL:g} and {ROUNDING_MARGIN}× the {s:.1e} by which one rounding of "
-                                                            f"every parameter moves them: the model's own sensitivity)")
-        raise ValueError(_REFUSED.format('equivalence', f"in float64 the rewritten model's {what} differ from the original's by {err:.2e} "
-                                         f"(relative), more than {lim}, while each group computes what it did."))
-
 def optimize_order(
     model, # any `nn.Module` torch.fx can trace
     mode='train', # 'train': only rewrites exact in training; 'eval': BN folding and dropout removal too
@@ -560,47 +374,46 @@ def optimize_order(
     reps=5, # timed calls of each variant (0: no timing)
 ) -> OptimizeReport:
     "Rewrite `model` (a copy, or itself if `inplace`) to its cheapest exactly equivalent order in `mode`, checked on `example`"
-    check_module(model, 'optimize_order'); _check_mode(mode)   # every argument is checked before `model` is copied
+    check_module(model, 'optimize_order'); check_mode(mode)   # every argument is checked before `model` is copied
     if example is not None and not isinstance(example, torch.Tensor): raise TypeError(
         f"`example` must be a tensor batch of inputs for `model` (N×C×L, N×C×H×W or N×C×D×H×W for 1-, 2- or 3-D convs) or None, "
         f"got a {type(example).__name__}")
-    if inplace not in (True, False): raise TypeError(f"`inplace` must be True or False, got {inplace!r}")
-    if channels_last not in (None, True, False): raise TypeError(f"`channels_last` must be None, True or False, got {channels_last!r}")
+    check_bool('inplace', inplace); check_bool('channels_last', channels_last, none_ok=True)
     check_number('tol', tol, none_ok=True); check_number('grad_tol', grad_tol, none_ok=True); check_number('drift', drift, 1); check_int('reps', reps, 0)
     if not (autocast is None or autocast in (torch.bfloat16, torch.float16)): raise TypeError(
         f"`autocast` must be None (as the caller), torch.bfloat16 or torch.float16, got {autocast!r}")
     x = _example(model) if example is None else example
-    ctx, precision, unit = _precision(x, autocast)
+    ctx, precision, unit = run_precision(x, autocast)
     with torch.autocast('cpu', enabled=False):   # equivalence: a float64 copy on the CPU, run before and after the rewrites
         dropout = mode == 'train' and any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
         rw = _rewrite(_f64(model), mode, x.detach().to('cpu', torch.float64), no_dropout=dropout)
         plans, errors, (ref0, ref1) = rw['plans'], rw['errors'], rw['drift_refs']
-        error, grad_error = _errors(rw['refs'][1], rw['refs'][0], rw['moved'])
-        _check_equivalence(plans, errors, error, grad_error, tol, grad_tol, rw['sensitivity'])
-    new = _replay(_copy(model), rw['steps'])
+        error, grad_error = output_errors(rw['refs'][1], rw['refs'][0], rw['moved'])
+        check_equivalence(plans, errors, error, grad_error, tol, grad_tol, rw['sensitivity'])
+    new = _replay(copy_model(model), rw['steps'])
     layout, times = _LAYOUTS.get(x.dim()), {}
     if layout and channels_last is not False and (hazard := _layout_hazard(model, x, mode)):
-        if channels_last: raise ValueError(_REFUSED.format('layout', f"{hazard}. Pass channels_last=False or None."))
+        if channels_last: raise ValueError(REFUSED.format('layout', f"{hazard}. Pass channels_last=False or None."))
         layout = None   # None: channels_last is not tried
-    cl = _copy(new).to(memory_format=layout) if layout and (channels_last or (channels_last is None and reps)) else None
+    cl = copy_model(new).to(memory_format=layout) if layout and (channels_last or (channels_last is None and reps)) else None
     if reps:
         with ctx(): t = _time([model, new] + ([cl] if cl is not None else []), x, mode, reps)
         times = dict(original=t[0], reordered=t[1], final=t[1], **({'channels_last': t[2]} if cl is not None else {}))
     if layout is None: use_layout = None
     elif channels_last is None: use_layout = 'channels_last' in times and times['channels_last'] < times['reordered']
     else: use_layout = bool(channels_last)
-    d0, d1 = _drift(model, ref0, x, mode, ctx), _drift(new, ref1, x, mode, ctx)   # the default layout: the rewrites' own rounding
-    if what := _drift_fails(d0, d1, drift, unit):
+    d0, d1 = drift_of(model, ref0, x, mode, ctx), drift_of(new, ref1, x, mode, ctx)   # the default layout: the rewrites' own rounding
+    if what := drift_fails(d0, d1, drift, unit):
         i = what == 'gradients'
-        raise ValueError(_REFUSED.format('drift', f"at {precision} the rewritten model's {what} are {d1[i]:.2e} off the float64 result "
+        raise ValueError(REFUSED.format('drift', f"at {precision} the rewritten model's {what} are {d1[i]:.2e} off the float64 result "
             f"(relative), more than drift={drift:g} × the original's {d0[i]:.2e} + one rounding {unit:.1e}; a larger `drift` accepts it."))
     if use_layout:   # the layout's own rounding: the original runs on a channels_last batch, so in channels_last too
         xl = x.contiguous(memory_format=layout)
-        d0l, d1l = _drift(model, ref0, xl, mode, ctx), _drift(cl, ref1, xl, mode, ctx)
+        d0l, d1l = drift_of(model, ref0, xl, mode, ctx), drift_of(cl, ref1, xl, mode, ctx)
         d0x = tuple(None if a is None else max(a, b) for a,b in zip(d0, d0l))   # the original's own rounding, in either layout
-        if what := _drift_fails(d0x, d1l, drift, unit):
+        if what := drift_fails(d0x, d1l, drift, unit):
             i = what == 'gradients'
-            if channels_last: raise ValueError(_REFUSED.format('layout', f"at {precision} in channels_last the rewritten model's {what} are "
+            if channels_last: raise ValueError(REFUSED.format('layout', f"at {precision} in channels_last the rewritten model's {what} are "
                 f"{d1l[i]:.2e} off the float64 result (relative), more than drift={drift:g} × the original's {d0x[i]:.2e} (the larger of its "
                 f"drifts in the two layouts) + one rounding {unit:.1e}, while in the default layout they are within it ({d1[i]:.2e}): the rewrites pass, channels_last's "
                 f"rounding does not. Pass channels_last=False or None."))
@@ -614,7 +427,7 @@ def optimize_order(
     if mode == 'eval': new.eval()
     rows = [dict(path=p.slots[0] if len(p.slots) == 1 else f'{p.slots[0]} … {p.slots[-1]}', before='-'.join(p.before), after='-'.join(p.after),
                  cost_before=p.costs[0], cost_after=p.costs[1], error=e, reasons='; '.join(p.steps)) for p,e in zip(plans, errors)]
-    return OptimizeReport(new, mode, rows, error, grad_error, _tolerances(tol, grad_tol, rw['sensitivity']), times, use_layout, precision, dict(original=d0[0], rewritten=d1[0]),
+    return OptimizeReport(new, mode, rows, error, grad_error, tolerances(tol, grad_tol, rw['sensitivity']), times, use_layout, precision, dict(original=d0[0], rewritten=d1[0]),
                           None if d0[1] is None else dict(original=d0[1], rewritten=d1[1]), (drift, unit), rw['frozen'])
 
 # %% ../../nbs/rewrite/02_optimize.ipynb #c7f2d0dc

@@ -6,27 +6,23 @@ Docs: https://fastai-order.github.io/fastai_order/rewrite/swap.html.md"""
 
 # %% ../../nbs/rewrite/00_swap.ipynb #39a779ae
 from __future__ import annotations
-import inspect, functools, contextlib
-from collections import OrderedDict, Counter
+from collections import OrderedDict
 import pandas as pd
 from torch import nn
 import torch.fx as fx
 from fastcore.basics import patch, store_attr
 from fastai.learner import Learner
-from fastai.layers import ConvLayer
-from torchvision.ops.misc import ConvNormActivation
 from ..model.order import LayerOrder
-from ..model.ops import module_role, function_act, norm_act_forward_norm
+from ..model.ops import module_role, op_role, role_ops, norm_act_forward_norm
 from ..model.layers import OrderedConvLayer, block_roles
-from ..core.checks import check_module
+from ..core.checks import check_module, check_bool
+from .graph import (BLOCK_TYPES, ANCHORS, has_hooks, own_graph, own_graphs, set_forwards, TracedForward,
+                                        graph_op, op_runs, inline_borders, owners, whole_owners, callable_children)
 
 # %% auto #0
-__all__ = ['BLOCK_TYPES', 'HOOK_ATTRS', 'SwapReport', 'attributes_kept', 'own_graph', 'own_graphs', 'TracedForward', 'base_class',
-           'set_forwards', 'swap_order']
+__all__ = ['SwapReport', 'swap_order']
 
 # %% ../../nbs/rewrite/00_swap.ipynb #4714d482
-BLOCK_TYPES = (ConvLayer, ConvNormActivation)
-
 def _size_preserving(conv):
     "Whether `conv` keeps the spatial size, so pooling before or after it gives the same shape"
     if isinstance(conv, nn.Linear) or conv.transposed or any(s != 1 for s in conv.stride): return False
@@ -126,24 +122,15 @@ class _Op:
     "One op of a run: its role, path and module, and its call when it comes from a traced forward"
     def __init__(self, role, path, module, node=None): store_attr()
     @property
-    def roles(self):
-        if self.role == 'norm_act': return ('bn',) if type(getattr(self.module, 'act', None)) is nn.Identity else ('bn', 'act')
-        return {'norm_part': ('bn',), 'identity': (), 'linear': ('conv',)}.get(self.role, (self.role,))
-
-_ANCHORS = ('conv', 'linear')
-
-def _op_role(m, head):
-    if type(m) is nn.Identity: return 'identity'
-    if head is not None and isinstance(m, nn.Linear): return 'linear'
-    return module_role(m)
+    def roles(self): return role_ops(self.role, self.module)
 
 def _roles(ops): return {r for o in ops for r in o.roles}
 
-def _groups(run):
+def _anchor_groups(run):
     "Split `run` into groups: a conv and the ops after it, up to the next conv or an op whose role the group has; a linear and the ops around it"
     groups, cur, before = [], None, []
     for op in run:
-        if op.role in _ANCHORS:   # a conv's chain starts at it; a head's linear has its norm and dropout before it
+        if op.role in ANCHORS:   # a conv's chain starts at it; a head's linear has its norm and dropout before it
             cur = (before if op.role == 'linear' else []) + [op]; groups.append(cur); before = []
         elif cur is not None and not _roles(cur) & set(op.roles): cur.append(op)
         else: cur, before = None, (before if not _roles(before) & set(op.roles) else []) + [op]
@@ -152,7 +139,7 @@ def _groups(run):
 class _Group:
     "The swap of one group to `order`: old and new order, and who provides each op"
     def __init__(self, ops, order, head, prefix=''):
-        self.ops, anchor = ops, next(o for o in ops if o.role in _ANCHORS)
+        self.ops, anchor = ops, next(o for o in ops if o.role in ANCHORS)
         self.order = LayerOrder(head if anchor.role == 'linear' else order)
         self.by_role = {r: o for o in ops for r in o.roles}
         self.old = LayerOrder([r for o in ops for r in o.roles])
@@ -189,145 +176,17 @@ class _Group:
         return dict(path=self.path, layer=type(owner).__name__, route=route, old=str(self.old), new=str(self.new),
                     status='rewritten' if changed else 'unchanged', reason=reason)
 
-# %% ../../nbs/rewrite/00_swap.ipynb #12cb0839
-def _containers(v, seen):
-    "[(container, its items)] for `v` if it is a dict, list or set, and for those nested in it"
-    if not isinstance(v, (dict, list, set)) or id(v) in seen: return []
-    seen.add(id(v))
-    vals = list(v.values()) if isinstance(v, dict) else list(v)
-    return [(v, list(v.items()) if isinstance(v, dict) else vals)] + [c for x in vals for c in _containers(x, seen)]
-
-@contextlib.contextmanager
-def attributes_kept(
-    model:nn.Module, # the module
-    recurse:bool=True, # the modules inside it too
-):
-    "Put the attributes of `model` (and of the modules in it) back as they were afterwards: train/eval flags, and the caches a forward or a trace fills"
-    attrs = [(m, {k: v for k,v in vars(m).items() if not k.startswith('_')}) for m in (model.modules() if recurse else [model])]
-    seen = set()
-    held = [c for _,a in attrs for v in a.values() for c in _containers(v, seen)]
-    try: yield model
-    finally:
-        for m,a in attrs:
-            for k in [k for k in vars(m) if not k.startswith('_') and k not in a]: delattr(m, k)
-            vars(m).update(a)
-        for c,items in held:
-            if isinstance(c, list): c[:] = items
-            else: c.clear(); c.update(items)
-
-HOOK_ATTRS = dict(forward='_forward_hooks', forward_pre='_forward_pre_hooks', backward='_backward_hooks', backward_pre='_backward_pre_hooks')   # a module's hooks by kind: its attribute holding them
-
-def _hooked(m): return any(getattr(m, a) for a in HOOK_ATTRS.values())
-
-class _OwnTracer(fx.Tracer):
-    "Traces `method` of a module: every submodule call is a leaf, or with `inline` only those of modules the op registry knows and those with hooks (so they keep firing)"
-    def __init__(self, method='forward', inline=False): super().__init__(); self.traced_func_name, self.inline = method, inline
-    def is_leaf_module(self, m, qualname):
-        return not self.inline or module_role(m) is not None or isinstance(m, BLOCK_TYPES) or _hooked(m) or super().is_leaf_module(m, qualname)
-
-def own_graph(
-    owner:nn.Module, # the module
-    method:str='forward', # the method: 'forward' or 'forward_features'
-    training:bool=True, # the training flag the trace sees
-    inline:bool=False, # trace the forwards of the modules below it too, down to the ops the op registry knows
-) -> fx.Graph:
-    "The torch.fx graph of `owner.method`, every submodule call a leaf, or with `inline` every op's (its `TracedForward`'s graph, if it has one); the modules are left as they were"
-    if isinstance(tf := vars(owner).get(method), TracedForward): return tf.graph(training)
-    with attributes_kept(owner, recurse=inline):
-        owner.train(training) if inline else setattr(owner, 'training', training)
-        return _OwnTracer(method, inline).trace(owner)
-
-def own_graphs(owner:nn.Module, inline:bool=False) -> dict:
-    "{method: {training: `own_graph`}} of `owner`'s `forward` (and timm's `forward_features`) in both training modes; raises if its forward takes more than one input or torch.fx cannot trace it"
-    if len(inspect.signature(type(owner).forward).parameters) != 2:
-        raise TypeError('it takes more than one input, and a trace would fix the others to their defaults')
-    return {m: {t: own_graph(owner, m, t, inline) for t in (True, False)} for m in _METHODS if hasattr(type(owner), m)}
-
-class TracedForward:
-    "A module's `forward` (or `forward_features`) replaced by a rewritten torch.fx graph, one per training mode where they differ"
-    def __init__(self, owner, graphs): self.owner, self.graphs, self._code = owner, graphs, {}
-    def _graph(self, training): return self.graphs[training] if len(self.graphs) > 1 else next(iter(self.graphs.values()))
-    def _forward(self, training):
-        "The function the graph compiles to, made on first use (it reads the module's children, never copies of them)"
-        key = training if len(self.graphs) > 1 else None
-        if key not in self._code:
-            self._code[key] = type(fx.GraphModule(self.owner, self.graph(training), class_name=type(self.owner).__name__)).forward
-        return self._code[key]
-    def graph(self, training):
-        "A copy of the graph run when `owner.training` is `training`"
-        g = fx.Graph()
-        g.output(g.graph_copy(self._graph(training), {}))
-        return g
-    def __call__(self, *args, **kwargs): return self._forward(self.owner.training)(self.owner, *args, **kwargs)
-    def __getstate__(self): return dict(owner=self.owner, graphs=self.graphs)
-    def __setstate__(self, state): self.__dict__.update(state, _code={})
-    def __repr__(self): return f"TracedForward of {type(self.owner).__name__}:{self._graph(self.owner.training).python_code('self').src}"
-
-_TRACED_CLASSES = {}
-
-def _traced_class(cls):
-    "A subclass of `cls`, of the same name, whose `forward` and `forward_features` call the instance's `TracedForward`s where it has them"
-    if cls not in _TRACED_CLASSES:
-        def delegate(name):
-            own = getattr(cls, name)
-            @functools.wraps(own)   # the signature torch.fx reads
-            def method(self, *args, **kwargs):
-                tf = self.__dict__.get(name)
-                return tf(*args, **kwargs) if tf is not None else own(self, *args, **kwargs)
-            return method
-        body = {m: delegate(m) for m in _METHODS if hasattr(cls, m)}
-        body.update(__module__=cls.__module__, __qualname__=cls.__qualname__, __reduce_ex__=lambda self, proto: (_rebuild, (cls,), self.__getstate__()))
-        _TRACED_CLASSES[cls] = type(cls.__name__, (cls,), body)
-    return _TRACED_CLASSES[cls]
-
-def _rebuild(cls):
-    "An empty instance of `_traced_class(cls)`, which pickle and deepcopy then give its state"
-    return _traced_class(cls).__new__(_traced_class(cls))
-
-def base_class(m) -> type:
-    "The class of module `m`, or the one it had before `set_forwards` gave it traced forwards"
-    return type(m).__bases__[0] if type(m) in _TRACED_CLASSES.values() else type(m)
-
-def set_forwards(
-    owner:nn.Module, # the module, changed in place
-    forwards:dict, # {'forward' or 'forward_features': TracedForward}; empty: the class's own again
-):
-    "Make `forwards` the methods of `owner`, on the instance and through its class, which torch.fx reads when `owner` is the root it traces"
-    for m in _METHODS: vars(owner).pop(m, None)
-    owner.__class__ = base_class(owner)
-    if not forwards: return
-    vars(owner).update(forwards)
-    owner.__class__ = _traced_class(owner.__class__)
-
 # %% ../../nbs/rewrite/00_swap.ipynb #cc2ad4b8
-def _graph_op(n, owner, head):
-    "(role, path, module, input) of the call `n` if it is an op with one input, else None"
-    if n.op == 'call_function' and n.target is norm_act_forward_norm and len(n.args) == 2 and n.args[0].op == 'get_attr':
-        return 'norm_part', n.args[0].target, owner.get_submodule(n.args[0].target), n.args[1]
-    if n.op == 'call_function' and function_act(n.target) and n.args:   # F.relu(x, inplace=True) and the like
-        return 'act', None, None, n.args[0]
-    if n.op != 'call_module' or len(n.args) != 1 or n.kwargs: return None
-    m = owner.get_submodule(n.target)
-    role = _op_role(m, head)
-    return None if role is None else (role, n.target, m, n.args[0])
-
 def _runs_of_graph(graph, owner, head):
     "Runs of ops in `graph`: calls of registered modules, each taking the previous op's output, which nothing else uses"
-    runs, cur = [], []
-    for n in graph.nodes:
-        if n.op == 'get_attr': continue   # a norm part's module, fetched right before its call
-        op = _graph_op(n, owner, head)
-        if op is None or not (cur and op[3] is cur[-1].node and len(cur[-1].node.users) == 1):
-            if cur: runs.append(cur)
-            cur = []
-        if op is not None: cur.append(_Op(*op[:3], n))
-    return runs + [cur] if cur else runs
+    op_at = lambda n: (lambda op: op and (_Op(*op[:3], n), op[3]))(graph_op(n, owner, head))
+    return op_runs(graph, op_at, skip=('get_attr',))   # a get_attr: a norm part's module, fetched right before its call
 
 def _runs_of_children(seq, head):
     "Runs of consecutive children of `seq` with a role"
     runs, cur = [], []
     for k,m in seq._modules.items():
-        role = _op_role(m, head) if m is not None else None
+        role = op_role(m, head is not None) if m is not None else None
         if role is None:
             if cur: runs.append(cur)
             cur = []
@@ -357,111 +216,7 @@ def _reorder_children(seq, group):
     items = [(k, seq._modules[k]) for k in keys[:start] + new + keys[start+len(new):]]
     seq._modules.clear(); seq._modules.update(items)
 
-# %% ../../nbs/rewrite/00_swap.ipynb #8d117995
-_ENDS, _STARTS = ('conv', 'bn', 'norm_act', 'norm_part'), ('bn', 'norm_act', 'norm_part', 'act')   # a chain crosses a border from an op of the first kind to one of the second
-
-def _inlinable_graph(m, training, cache):
-    "The torch.fx graph of child `m`'s forward (its children leaves) if it could be inlined, hooks aside, else None"
-    if id(m) not in cache:
-        ok = not isinstance(m, BLOCK_TYPES + (nn.ModuleList, nn.ModuleDict))
-        try: cache[id(m)] = own_graph(m, 'forward', training) if ok and len(inspect.signature(type(m).forward).parameters) == 2 else None
-        except Exception: cache[id(m)] = None
-    return cache[id(m)]
-
-def _edge(n, owner, head, training, cache, last, depth=3):
-    "The role of the op call `n` is, or for a call of a child module, of its last op (`last`) or first op that takes its input, past identities"
-    op = _graph_op(n, owner, head)
-    if op is not None and op[0] == 'identity':   # look through it: to its input (`last`), or to the one op that takes its output
-        nxt = op[3] if last else next(iter(n.users)) if len(n.users) == 1 else None
-        ok = isinstance(nxt, fx.Node) and (len(nxt.users) == 1 if last else nxt.args[:1] == (n,))
-        return _edge(nxt, owner, head, training, cache, last, depth) if ok else None
-    if op is not None: return op[0]
-    if n.op != 'call_module' or depth == 0: return None
-    m = owner.get_submodule(n.target)
-    g = _inlinable_graph(m, training, cache)
-    if g is None: return None
-    if last:
-        out = next(iter(x for x in g.nodes if x.op == 'output')).args[0]
-        return _edge(out, m, head, training, cache, last, depth-1) if isinstance(out, fx.Node) else None
-    ph = [x for x in g.nodes if x.op == 'placeholder']
-    users = list(ph[0].users) if len(ph) == 1 else []
-    return _edge(users[0], m, head, training, cache, last, depth-1) if len(users) == 1 and users[0].args[:1] == (ph[0],) else None
-
-def _borders(graph, owner, head, training, cache):
-    "Paths of the children whose calls in `graph` a chain crosses into or out of, and which can be inlined; of those with hooks apart"
-    calls, homes = Counter(n.target for n in graph.nodes if n.op == 'call_module'), Counter(id(m) for _,m in owner.named_modules(remove_duplicate=False))
-    child = lambda n: n.op == 'call_module' and _op_role(owner.get_submodule(n.target), head) is None and calls[n.target] == 1 and \
-                      homes[id(owner.get_submodule(n.target))] == 1 and _inlinable_graph(owner.get_submodule(n.target), training, cache) is not None
-    res, hooked = [], []
-    for p in graph.nodes:
-        if len(p.users) != 1: continue
-        c = next(iter(p.users))
-        if c.args[:1] != (p,) or not (child(p) or child(c)): continue
-        if _edge(p, owner, head, training, cache, last=True) in _ENDS and _edge(c, owner, head, training, cache, last=False) in _STARTS:
-            for n in (p, c):
-                if child(n): (hooked if _hooked(owner.get_submodule(n.target)) else res).append(n.target)
-    return list(dict.fromkeys(res)), list(dict.fromkeys(hooked))
-
-def _inline(graph, owner, path, training, cache):
-    "Replace the call of child `path` in `graph` by the calls its forward makes, their targets prefixed with `path`"
-    node = next(n for n in graph.nodes if n.op == 'call_module' and n.target == path)
-    sub = _inlinable_graph(owner.get_submodule(path), training, cache)
-    env = dict(zip([n for n in sub.nodes if n.op == 'placeholder'], node.args))
-    with graph.inserting_before(node):
-        for n in sub.nodes:
-            if n.op == 'placeholder': continue
-            if n.op == 'output': out = fx.node.map_arg(n.args[0], env.__getitem__); break
-            env[n] = graph.node_copy(n, env.__getitem__)
-            if n.op in ('call_module', 'get_attr'): env[n].target = f'{path}.{n.target}'
-    node.replace_all_uses_with(out)
-    graph.erase_node(node)
-
-def _inline_borders(graph, owner, head, training):
-    "Inline, in `graph` of `owner`, the children a chain crosses into or out of, until none is left, but those with hooks (left to fire); the paths of both"
-    cache, done, hooked = {}, [], []
-    while True:
-        todo, h = _borders(graph, owner, head, training, cache)
-        hooked += [p for p in h if p not in hooked]
-        if not (todo := [p for p in todo if p not in done]): return done, hooked
-        for p in todo: _inline(graph, owner, p, training, cache)
-        done += todo
-
 # %% ../../nbs/rewrite/00_swap.ipynb #b8a04142
-_METHODS = ('forward', 'forward_features')   # timm's models and fastai's TimmBody call forward_features
-
-def _callable_children(m):
-    for c in m.children():
-        if isinstance(c, (nn.ModuleList, nn.ModuleDict)): yield from _callable_children(c)
-        else: yield c
-
-def _owners(model, head):
-    "(path, module, route) of each module whose own forward may hold chains"
-    skip = []
-    for path, m in model.named_modules():
-        if any(path.startswith(p) for p in skip): continue
-        if isinstance(m, BLOCK_TYPES) or _op_role(m, head) is not None: skip.append(f'{path}.' if path else ''); continue
-        if isinstance(m, (nn.ModuleList, nn.ModuleDict)): continue
-        roles = [_op_role(c, head) for c in _callable_children(m)]
-        if not any(r in _ANCHORS for r in roles) and not (None in roles and len(roles) > 1): continue   # a chain, or maybe one across a child's border
-        plain = type(m).forward is nn.Sequential.forward and 'forward' not in vars(m)
-        yield path, m, 'sequential' if plain else 'traced'
-
-def _whole(model, owners):
-    "Paths of the modules to trace whole, down to the ops: above each owner whose forward cannot be traced alone (it takes several inputs), the nearest whose forward can be, everything below it inlined"
-    res = set()
-    for path, m, route in owners:
-        roles = {_op_role(c, None) for c in _callable_children(m)}
-        if not (roles & set(_ANCHORS) and roles & {'bn', 'norm_act', 'act'}): continue   # no chain of its own to reach
-        try:
-            if route == 'traced': own_graphs(m)
-            continue
-        except Exception: pass
-        parts = path.split('.') if path else []
-        for a in ('.'.join(parts[:i]) for i in range(len(parts) - 1, -1, -1)):
-            try: own_graphs(model.get_submodule(a), inline=True); res.add(a); break
-            except Exception: pass
-    return {a for a in res if not any(b != a and (b == '' or a.startswith(b + '.')) for b in res)}
-
 def _same(g1, g2):
     "Whether graphs `g1` and `g2` make the same calls on the same inputs, whatever their nodes are named"
     def calls(g):
@@ -475,7 +230,7 @@ def _install(owner, graphs, head, inline):
     set_forwards(owner, {})   # forward may call forward_features: compare with the class's own
     fresh = {m: {t: own_graph(owner, m, t, inline) for t in by_mode} for m,by_mode in graphs.items()}
     for by_mode in fresh.values():   # with the same children inlined
-        for t, g in by_mode.items(): _inline_borders(g, owner, head, t)
+        for t, g in by_mode.items(): inline_borders(g, owner, head, t)
     set_forwards(owner, {m: TracedForward(owner, {None: by_mode[True]} if _same(*by_mode.values()) else by_mode)
                          for m, by_mode in graphs.items() if not all(_same(by_mode[t], fresh[m][t]) for t in by_mode)})
 
@@ -485,26 +240,26 @@ def _plan_owner(path, owner, route, order, head, taken, inline=False):
     hooked = lambda paths: [dict(path=prefix + p, layer=type(owner).__name__, route='traced', old='', new='', status='skipped',
                                  reason=f"a chain crosses into {type(owner.get_submodule(p)).__name__} {p!r}, which has hooks: not inlined, so they keep firing")
                             for p in paths]
-    if route == 'sequential' and not inline and not (borders := _inline_borders(own_graph(owner, 'forward', True), owner, head, True))[0]:
-        groups = [_Group(g, order, head, prefix) for run in _runs_of_children(owner, head) for g in _groups(run)]
+    if route == 'sequential' and not inline and not (borders := inline_borders(own_graph(owner, 'forward', True), owner, head, True))[0]:
+        groups = [_Group(g, order, head, prefix) for run in _runs_of_children(owner, head) for g in _anchor_groups(run)]
         if not any(g.apart and g.new != g.old for g in groups):
             for g in groups: g.check(owner)
             todo = [g for g in groups if g.new != g.old]
             return [g.row(owner, route) for g in groups] + hooked(borders[1]), lambda: [_reorder_children(owner, g) for g in todo]
     try: graphs = own_graphs(owner, inline)
     except Exception as e:
-        convs = [k for k,c in owner.named_children() if _op_role(c, head) in _ANCHORS]
+        convs = [k for k,c in owner.named_children() if op_role(c, head is not None) in ANCHORS]
         why = f"{type(owner).__name__}.forward cannot be traced by torch.fx: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        alone = not {_op_role(c, head) for c in _callable_children(owner)} & {'bn', 'norm_act', 'act'}   # no norm or activation beside the convs: no chain to miss
+        alone = not {op_role(c, head is not None) for c in callable_children(owner)} & {'bn', 'norm_act', 'act'}   # no norm or activation beside the convs: no chain to miss
         return [dict(path=prefix + k, layer=type(owner).__name__, route='traced', old='', new='', status='unchanged' if alone else 'skipped',
                      reason=why + ('; no norm or activation beside it to reorder' if alone else '')) for k in convs], lambda: None
     rows, changed = {}, False
     for m, by_mode in graphs.items():
         for t, g in by_mode.items():
-            inlined, left = _inline_borders(g, owner, head, t)
+            inlined, left = inline_borders(g, owner, head, t)
             taken.update(prefix + p for p in inlined)
             rows.update((r['path'], r) for r in hooked(left))
-            groups = [_Group(ops, order, head, prefix) for run in _runs_of_graph(g, owner, head) for ops in _groups(run)]
+            groups = [_Group(ops, order, head, prefix) for run in _runs_of_graph(g, owner, head) for ops in _anchor_groups(run)]
             for grp in groups:
                 grp.check(owner)
                 rows.setdefault(grp.path, grp.row(owner, 'traced'))
@@ -520,24 +275,24 @@ def swap_order(
 ) -> SwapReport:
     "Put every conv chain of `model` in `order`, in place, keeping its parameter and buffer tensors and `state_dict` keys"
     check_module(model, 'swap_order')
-    if absorb not in (True, False): raise TypeError(f"`absorb` must be True or False, got {absorb!r}")
+    check_bool('absorb', absorb)
     order, head = LayerOrder(order), None if head is None else LayerOrder(head)
     blocks = _plan_blocks(model, order, absorb)   # the plans raise, before anything changes, if an order would break the model
-    found = list(_owners(model, head))
-    whole = _whole(model, found)
+    found = list(owners(model, head))
+    whole = whole_owners(model, found)
     place = {p: i for i,(p,_) in enumerate(model.named_modules())}
     found = sorted(found + [(p, model.get_submodule(p), 'traced') for p in whole if p not in {f[0] for f in found}], key=lambda f: place[f[0]])
-    taken, owners = set(), []
+    taken, planned = set(), []
     for p, m, route in found:   # parents first: a child inlined into its parent's forward is planned there
         if p in taken: continue
         if p in whole:   # all below is planned in its trace, but modules with hooks: they stay calls, and are planned alone
-            hooked = [q for q,c in m.named_modules(prefix=p) if q != p and _hooked(c)]
+            hooked = [q for q,c in m.named_modules(prefix=p) if q != p and has_hooks(c)]
             taken.update(q for q,_ in m.named_modules(prefix=p) if q != p and not any(q == h or q.startswith(h + '.') for h in hooked))
-        owners.append(_plan_owner(p, m, route, order, head, taken, inline=p in whole))
+        planned.append(_plan_owner(p, m, route, order, head, taken, inline=p in whole))
     for row, block, roles, new, absorbed in blocks:
         if row['status'] == 'rewritten': _apply(block, roles, new, absorbed)
-    for _, apply in owners: apply()
-    rows = [b[0] for b in blocks] + [r for rows,_ in owners for r in rows]
+    for _, apply in planned: apply()
+    rows = [b[0] for b in blocks] + [r for rows,_ in planned for r in rows]
     return SwapReport(order, sorted(rows, key=lambda r: place.get(r['path'], len(place))))
 
 # %% ../../nbs/rewrite/00_swap.ipynb #ef41bbb7

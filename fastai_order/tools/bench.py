@@ -1,4 +1,4 @@
-"""The commands that measure what the package claims: `fastai-order-bench` times train steps of models side by side; `fastai-order-overhead` measures the timers' overhead and phase shares; `fastai-order-optimize` measures what `optimize_order` saves; `fastai-order-demo` shows the package at work in a few seconds.
+"""The commands that time models side by side: `fastai-order-bench` times train steps of models in several orders, under one or more settings; `fastai-order-demo` shows the package at work in a few seconds.
 
 Docs: https://fastai-order.github.io/fastai_order/tools/bench.html.md"""
 
@@ -6,55 +6,23 @@ Docs: https://fastai-order.github.io/fastai_order/tools/bench.html.md"""
 
 # %% ../../nbs/tools/00_bench.ipynb #225b1f52
 from __future__ import annotations
-import time, timeit, statistics, ctypes, ctypes.util, warnings, tempfile, io, copy, json, os, subprocess, sys
-from dataclasses import asdict
-from dataclasses import dataclass
-from pathlib import Path
-from contextlib import redirect_stdout
-from contextlib import contextmanager
+import ctypes, ctypes.util
 import pandas as pd
 import torch
-import torch.nn.functional as F, torch.nn as nn, torchvision
-from torch.fx.experimental.optimization import fuse
-from torch.utils import benchmark
+import torch.nn.functional as F
 from fastcore.script import call_parse, store_true
-from fastprogress.fastprogress import progress_bar
 from fastai.vision.models import xresnet as fxr
-from fastai.data.core import Datasets
-from fastai.learner import Learner
-from fastai.callback.core import Callback
-from fastai.metrics import accuracy
-from fastai.torch_core import set_seed, default_device
-import fastai.callback.schedule  # fit_one_cycle
-from fastai.losses import CrossEntropyLossFlat
-import fastai.callback.progress  # Learner.no_bar
-from fastai.data.transforms import ItemGetter, IndexSplitter
 from ..model.order import LayerOrder, list_presets
 from ..model.layers import ordered_xresnet, ordered_cnn, XRESNET_ARCHS
 from ..rewrite.swap import swap_order
-from ..rewrite.optimize import optimize_order
-from ..experiment.run import RunConfig, run_learner, data_parallel, ARCHS, PRECISIONS, BACKENDS
-from ..experiment.compare import compare_orders, comparison_plan
-from ..experiment.engines import get_engine
-from ..core.distributed import rank_world, launched_ranks
-from ..timing.batch_timer import BatchTimer
-from ..timing.layer_timer import LayerTimer
-from ..core.checks import cli_errors, check_choice, check_int
+from ..experiment.run import ARCHS
+from ..experiment.setting import Setting
+from ..timing.paired import paired_times, paired_ratios
+from ..core.checks import cli_errors, check_choice, check_int, check_bool
 
 # %% auto #0
-__all__ = ['synthetic_dls', 'keep_freed_memory', 'BenchSetting', 'time_train_steps', 'compare_train_steps', 'bench_models',
-           'bench_settings', 'bench', 'timer_overhead', 'phase_shares', 'cuda_check', 'runner_overhead',
-           'engine_speedup', 'ddp_fit', 'ddp_launch', 'ddp_speedup', 'overhead_bench', 'optimize_models', 'time_eval',
-           'compare_eval', 'eval_speedups', 'train_speedups', 'optimize_bench', 'demo']
-
-# %% ../../nbs/tools/00_bench.ipynb #50c7d5ff
-def synthetic_dls(n=96, bs=16, c_in=3, size=16, n_out=4, seed=0, valid_pct=0.25):
-    "`n` random `c_in`×`size`×`size` images with `n_out` random labels as fastai `DataLoaders` (valid: the first `valid_pct`), loaded in the main process"
-    if not 0 <= valid_pct < 1: raise ValueError(f"`valid_pct` must be in [0, 1), got {valid_pct!r}")
-    g = torch.Generator().manual_seed(seed)
-    x,y = torch.randn(n, c_in, size, size, generator=g), torch.randint(0, n_out, (n,), generator=g)
-    return Datasets(list(zip(x, y)), tfms=[[ItemGetter(0)], [ItemGetter(1)]],
-                    splits=IndexSplitter(range(int(n*valid_pct)))(range(n))).dataloaders(bs=bs, num_workers=0)   # tensors in memory: workers only cost
+__all__ = ['keep_freed_memory', 'train_step', 'time_train_steps', 'compare_train_steps', 'eval_call', 'time_eval', 'compare_eval',
+           'bench_models', 'bench_settings', 'bench', 'demo']
 
 # %% ../../nbs/tools/00_bench.ipynb #09c3f107
 def keep_freed_memory() -> bool:
@@ -64,100 +32,52 @@ def keep_freed_memory() -> bool:
     M_TRIM_THRESHOLD,M_TOP_PAD,M_MMAP_THRESHOLD = -1,-2,-3
     return all(mallopt(k, v) == 1 for k,v in ((M_MMAP_THRESHOLD, 32<<20), (M_TRIM_THRESHOLD, 2**31-1), (M_TOP_PAD, 1<<30)))
 
-# %% ../../nbs/tools/00_bench.ipynb #eb3a1ec7
-_DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
-
-@dataclass(frozen=True)
-class BenchSetting:
-    "How models are timed: on `device`, under autocast to `precision`, in channels_last if asked, `torch.compile`d if asked"
-    device:str|None=None # 'cpu', 'cuda' or 'cuda:N'; `None`: CUDA when available, else cpu
-    precision:str='fp32' # 'fp32', or autocast to 'bf16' or 'fp16' (CUDA only)
-    channels_last:bool=False # models and batches in channels_last memory format
-    compile:bool=False # time `torch.compile(model)`
-
-    def __post_init__(self):
-        device = str(self.device or default_device())
-        check_choice('device', device.split(':')[0], ('cpu', 'cuda'))
-        dev = torch.device(device)
-        if dev.type == 'cuda' and not torch.cuda.is_available(): raise ValueError(f"device {device!r} is not available: torch sees no CUDA GPU here; use 'cpu'")
-        if dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} is not available: torch sees {torch.cuda.device_count()} CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count()-1}")
-        check_choice('precision', self.precision, PRECISIONS)
-        if self.precision == 'fp16' and dev.type == 'cpu': raise ValueError(
-            "precision 'fp16' is for CUDA: CPUs have few fp16 kernels, so its times would say nothing; on cpu use 'bf16' or 'fp32'")
-        for k in ('channels_last', 'compile'):
-            if getattr(self, k) not in (True, False): raise ValueError(f"`{k}` must be True or False, got {getattr(self, k)!r}")
-        object.__setattr__(self, 'device', str(dev))
-
-    @classmethod
-    def parse(cls, setting:str, device:str|None=None) -> BenchSetting:
-        "The setting named like 'bf16+channels_last': a precision and/or backends (channels_last, compile, eager) joined by '+'"
-        parts = [check_choice('setting part', p, PRECISIONS + BACKENDS) for p in str(setting).split('+')]
-        precisions = [p for p in parts if p in PRECISIONS]
-        if len(precisions) > 1: raise ValueError(f"Setting {setting!r} names {len(precisions)} precisions: give one of {', '.join(PRECISIONS)}")
-        if {'eager', 'compile'} <= set(parts): raise ValueError(f"Setting {setting!r} asks for both 'eager' and 'compile': give one")
-        return cls(device, *precisions[:1] or ['fp32'], 'channels_last' in parts, 'compile' in parts)
-
-    def __str__(self): return '+'.join([self.precision] * (self.precision != 'fp32' or not (self.channels_last or self.compile))
-                                       + ['channels_last'] * self.channels_last + ['compile'] * self.compile)
-
-    @property
-    def dev(self) -> torch.device: return torch.device(self.device)
-
-    def prepare(self, model:nn.Module) -> nn.Module:
-        "`model` moved to the device, in channels_last if asked (both in place), then `torch.compile`d if asked"
-        model.to(self.dev)
-        if self.channels_last: model.to(memory_format=torch.channels_last)
-        return torch.compile(model) if self.compile else model
-
-    def batch(self, x:torch.Tensor) -> torch.Tensor:
-        "`x` on the device, in channels_last if asked"
-        return x.to(self.dev, memory_format=torch.channels_last if self.channels_last and x.dim() == 4 else torch.preserve_format)
-
-    def autocast(self):
-        "The autocast context of the setting (disabled in fp32)"
-        return torch.autocast(self.dev.type, dtype=_DTYPES[self.precision], enabled=self.precision != 'fp32')
-
-    def synced_time(self) -> float:
-        "Seconds on the host's clock, once the device has finished what was queued"
-        if self.dev.type == 'cuda': torch.cuda.synchronize(self.dev)
-        return timeit.default_timer()
-
-    def seconds(self, fn, number:int=1) -> float:
-        "Seconds per call of `fn` over `number` calls after a warm-up, with `torch.utils.benchmark.Timer` on the device's clock"
-        return benchmark.Timer('fn()', globals=dict(fn=fn), timer=self.synced_time, num_threads=torch.get_num_threads()).timeit(number).mean
-
-    def describe(self) -> str:
-        "Where and how: the device's name, the setting, the threads and torch's version"
-        name = torch.cuda.get_device_name(self.dev) if self.dev.type == 'cuda' else 'cpu'
-        return f"{name}, {self}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
 # %% ../../nbs/tools/00_bench.ipynb #bb5343b7
-def time_train_steps(model, x, y, steps=10, setting:BenchSetting|None=None):
-    "Seconds per train step (forward and loss under `setting`'s autocast, backward, SGD step) of `model` on batch `x`, `y`"
-    setting = setting or BenchSetting(str(x.device))
+def train_step(model, x, y, setting:Setting|None=None):
+    "A callable of no arguments: one train step of `model` on batch `x`, `y` (forward and loss under `setting`'s autocast, backward, SGD step)"
+    setting = setting or Setting(str(x.device))
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     def step():
         with setting.autocast(): loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step(); opt.zero_grad()
-    return setting.seconds(step, steps)   # after a warm-up: allocations, optimizer state, compilation
+    return step
+
+def time_train_steps(model, x, y, steps=10, setting:Setting|None=None) -> float:
+    "Seconds per train step of `model` on batch `x`, `y` under `setting`, over `steps` steps after as many to warm up (allocations, optimizer state, compilation)"
+    setting = setting or Setting(str(x.device))
+    return paired_times({'model': train_step(model, x, y, setting)}, repeats=1, number=steps, device=setting.dev)['model'][0]
 
 # %% ../../nbs/tools/00_bench.ipynb #3a1eb185
-def compare_train_steps(models:dict, bs=32, size=64, c_in=3, n_out=10, steps=10, repeats=7, seed=0, setting:BenchSetting|None=None):
+def compare_train_steps(models:dict, bs=32, size=64, c_in=3, n_out=10, steps=10, repeats=7, seed=0, setting:Setting|None=None):
     "Paired train-step times of `models` (name → model) prepared by `setting`; ratios are to the first model, measured in the same repeat"
-    setting = setting or BenchSetting('cpu')
+    setting = setting or Setting('cpu')
     torch.manual_seed(seed)
     x, y = setting.batch(torch.randn(bs, c_in, size, size)), torch.randint(0, n_out, (bs,)).to(setting.dev)
-    models = {n: setting.prepare(m) for n,m in models.items()}
-    names = list(models)
-    times = {n: [] for n in names}
-    for r in progress_bar(range(repeats), leave=False):
-        for n in (names if r % 2 == 0 else names[::-1]): times[n].append(time_train_steps(models[n], x, y, steps, setting))
-    ratios = {n: [a/b for a,b in zip(t, times[names[0]])] for n,t in times.items()}
-    return pd.DataFrame([dict(model=n, ms_per_step=1e3*statistics.median(times[n]), ratio=statistics.median(r),
-                              ratio_min=min(r), ratio_max=max(r)) for n,r in ratios.items()])
+    steps_of = {n: train_step(setting.prepare(m), x, y, setting) for n,m in models.items()}
+    r = paired_ratios(paired_times(steps_of, repeats, number=steps, device=setting.dev, progress=True))
+    return pd.DataFrame(dict(model=r.arm, ms_per_step=1e3*r.seconds, ratio=r.ratio, ratio_min=r.ratio_min, ratio_max=r.ratio_max))
+
+# %% ../../nbs/tools/00_bench.ipynb #416c6879
+def eval_call(model, x, setting:Setting|None=None):
+    "A callable of no arguments: one forward call of `model` on `x` in inference mode under `setting`'s autocast"
+    setting = setting or Setting(str(x.device))
+    def call():
+        with torch.inference_mode(), setting.autocast(): model(x)
+    return call
+
+def time_eval(model, x, calls=2, setting:Setting|None=None) -> float:
+    "Seconds per forward call of `model` on `x` in inference mode under `setting`'s autocast and clock, after a warm-up"
+    setting = setting or Setting(str(x.device))
+    return paired_times({'model': eval_call(model, x, setting)}, repeats=1, number=calls, device=setting.dev)['model'][0]
+
+def compare_eval(models:dict, x, calls=2, repeats=7, setting:Setting|None=None) -> pd.DataFrame:
+    "Seconds per forward call of each of `models` (name → model) on `x`, prepared by `setting`: one column per model, one row per paired repeat"
+    setting = setting or Setting('cpu')
+    x = setting.batch(x)
+    return paired_times({n: eval_call(setting.prepare(m), x, setting) for n,m in models.items()}, repeats, number=calls,
+                        device=setting.dev, progress=True)
 
 # %% ../../nbs/tools/00_bench.ipynb #b76d399a
 def bench_models(arch:str='xresnet18', orders='resnet', n_out:int=10) -> dict:
@@ -176,10 +96,10 @@ def bench_models(arch:str='xresnet18', orders='resnet', n_out:int=10) -> dict:
     return models
 
 def bench_settings(settings:str|None=None, device:str|None=None, precision:str='fp32', channels_last:bool=False, compile:bool=False) -> list:
-    "The `BenchSetting`s of the comma-separated `settings` (e.g. 'fp32,bf16+channels_last,compile') on `device`, or the one the other arguments give"
-    if settings is None: return [BenchSetting(device, precision, channels_last, compile)]
+    "The `Setting`s of the comma-separated `settings` (e.g. 'fp32,bf16+channels_last,compile') on `device`, or the one the other arguments give"
+    if settings is None: return [Setting.of(device, precision, channels_last, compile)]
     if precision != 'fp32' or channels_last or compile: raise ValueError("Give either --settings or --precision/--channels-last/--compile, not both")
-    res = [BenchSetting.parse(s, device) for s in settings.split(',')]
+    res = [Setting.parse(s, device) for s in settings.split(',')]
     if len(set(res)) < len(res): raise ValueError(f"Settings {settings!r} name one setting twice: give each once")
     return res
 
@@ -201,6 +121,7 @@ def bench(
     settings:str=None, # instead of the last three: several settings, comma-separated, e.g. fp32,bf16+channels_last,compile
 ):
     "Paired train-step times of models in several orders, and their ratios, under one or more settings"
+    check_bool('channels_last', channels_last); check_bool('compile', compile)
     for k, v in dict(bs=bs, size=size, steps=steps, repeats=repeats).items(): check_int(k, v)
     check_int('threads', threads, none_ok=True)
     setts = bench_settings(settings, device, precision, channels_last, compile)
@@ -218,364 +139,6 @@ def bench(
         print(f"Time ratio to {names[0]!r} (paired medians), by setting:")
         print(df.pivot(index='model', columns='setting', values='ratio').loc[names, list(map(str, setts))].to_string(float_format='%.2f'))
     return df
-
-# %% ../../nbs/tools/00_bench.ipynb #5e47ac3c
-def _timed_fit(learn, cbs):
-    "Seconds one epoch of `learn` takes, on the clock of the setting `_learner` gave it"
-    now = getattr(learn, 'setting', BenchSetting('cpu')).synced_time
-    start = now()
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cbs)
-    return now() - start
-
-class _Autocast(Callback):
-    "Run the forward and the loss under `setting.autocast()` (fastai's `MixedPrecision` autocasts on CUDA only)"
-    def __init__(self, setting): self.setting = setting
-    def before_batch(self): self.ctx = self.setting.autocast(); self.ctx.__enter__()
-    def after_loss(self): self.ctx.__exit__(None, None, None)
-
-def _learner(model, dls, setting:BenchSetting|None=None):
-    "A `Learner` of `model` on `dls`, both as `setting` (default: cpu, fp32) prepares them"
-    setting = setting or BenchSetting('cpu')
-    learn = Learner(dls.to(setting.dev), setting.prepare(model), loss_func=CrossEntropyLossFlat(),
-                    cbs=[_Autocast(setting)] if setting.precision != 'fp32' else None)
-    learn.setting = setting
-    return learn
-
-@contextmanager
-def _time_spent_in(*classes):
-    "Sum, in the yielded list, the nanoseconds spent inside the `__call__` of `classes` while in the context"
-    spent,calls = [0],{c: c.__call__ for c in classes}
-    def timed(call):
-        def _timed(cb, event_name):
-            t = time.perf_counter_ns()
-            try: return call(cb, event_name)
-            finally: spent[0] += time.perf_counter_ns() - t
-        return _timed
-    for c,call in calls.items(): c.__call__ = timed(call)
-    try: yield spent
-    finally:
-        for c,call in calls.items(): c.__call__ = call
-
-def timer_overhead(model, bs=32, size=64, batches=12, repeats=7, n_out=10, setting:BenchSetting|None=None):
-    "Paired one-epoch train-only fits of `model` under `setting`: untimed (twice), with `BatchTimer`, with `LayerTimer`; medians per batch"
-    from fastai_order.timing.batch_timer import BatchTimer, _BatchTimerHead
-    from fastai_order.timing.layer_timer import LayerTimer
-    learn = _learner(model, synthetic_dls(n=bs*batches, bs=bs, size=size, n_out=n_out, valid_pct=0), setting)
-    cfgs = {'none': lambda: None, 'none again': lambda: None,
-            'BatchTimer': lambda: BatchTimer(wandb_every=None), 'LayerTimer': lambda: LayerTimer(warmup=0)}
-    if learn.setting.dev.type == 'cuda': cfgs['LayerTimer every batch'] = lambda: LayerTimer(warmup=0, every=1)   # its default samples 1 in 8 there
-    times,own = {k: [] for k in cfgs},[]
-    with _time_spent_in(BatchTimer, _BatchTimerHead) as spent:
-        _timed_fit(learn, None)  # warm-up
-        for r in progress_bar(range(repeats), leave=False):
-            for k in (list(cfgs) if r % 2 == 0 else list(cfgs)[::-1]):
-                before = spent[0]
-                times[k].append(_timed_fit(learn, cfgs[k]()))
-                if k == 'BatchTimer': own.append((spent[0] - before) / 1e9)
-    q = lambda xs, i: statistics.quantiles(xs, n=4)[i] if len(xs) > 1 else xs[0]
-    rows = []
-    for k,t in times.items():
-        ratios = [a/b for a,b in zip(t, times['none'])]
-        rows.append(dict(timer=k, ms_per_batch=1e3*statistics.median(t)/batches, ratio=statistics.median(ratios),
-                         ratio_q1=q(ratios, 0), ratio_q3=q(ratios, 2),
-                         us_per_batch=1e6*statistics.median(a-b for a,b in zip(t, times['none']))/batches))
-    df = pd.DataFrame(rows)
-    own_us = 1e6*statistics.median(own)/batches
-    df['own_us_per_batch'] = [own_us if k == 'BatchTimer' else float('nan') for k in cfgs]
-    df['own_pct'] = 100*df.own_us_per_batch/(1e3*df.ms_per_batch[0])
-    return df
-
-def phase_shares(orders, widths=(32, 64), bs=32, size=64, batches=24, setting:BenchSetting|None=None):
-    "`BatchTimer`'s train summary (mean ms and % per phase) of `ordered_cnn(widths, order)` under `setting`, for each of `orders`"
-    from fastai_order.timing.batch_timer import BatchTimer
-    rows = []
-    for o in orders:
-        torch.manual_seed(0)
-        t = BatchTimer(wandb_every=None)
-        learn = _learner(ordered_cnn(3, 10, widths, order=o), synthetic_dls(n=bs*batches*4//3, bs=bs, size=size, n_out=10), setting)
-        _timed_fit(learn, t)
-        s = t.summary().loc['train']
-        rows.append({'order': str(LayerOrder(o)), **{f'{p} %': s.pct[p] for p in s.index if p != 'total'},
-                     'ms/batch': s.mean_ms['total'], 'samples/s': s.samples_per_s['total']})
-    return pd.DataFrame(rows)
-
-# %% ../../nbs/tools/00_bench.ipynb #1c544514
-def _cuda_syncs(learn, cbs):
-    "Device synchronizations during one fit of `learn`, as counted by torch's CUDA sync debug mode"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        torch.cuda.set_sync_debug_mode('warn')
-        try: _timed_fit(learn, cbs)
-        finally: torch.cuda.set_sync_debug_mode(0)
-    return sum('synchroniz' in str(w.message) for w in caught)
-
-def cuda_check(model, bs=32, size=64, batches=12, n_out=10, setting:BenchSetting|None=None):
-    "On CUDA (`setting`'s device): synchronizations in a fit of `model` untimed and with each timer, and whether device phases add up to the total"
-    if not torch.cuda.is_available(): raise RuntimeError("`cuda_check` needs CUDA, which is not available")
-    setting = setting or BenchSetting('cuda')
-    if setting.dev.type != 'cuda': raise ValueError(f"`cuda_check` checks a CUDA device, got a setting on {setting.device!r}")
-    from fastai_order.timing.batch_timer import BatchTimer, _HOST, _DEVICE
-    from fastai_order.timing.layer_timer import LayerTimer
-    learn = _learner(model, synthetic_dls(n=bs*batches*4//3, bs=bs, size=size, n_out=n_out), setting)
-    _timed_fit(learn, None)  # warm-up
-    bt, lt = BatchTimer(wandb_every=None), LayerTimer(every=1)
-    syncs = {'none': _cuda_syncs(learn, None), 'BatchTimer': _cuda_syncs(learn, BatchTimer(wandb_every=None)),
-             'LayerTimer': _cuda_syncs(learn, LayerTimer()), 'both, every batch': _cuda_syncs(learn, [bt, lt])}
-    s = bt.summary()   # waits, once, for the last device times
-    rows = bt.rows.array()
-    host,dev = rows[:, _HOST],rows[:, _DEVICE]
-    return pd.DataFrame([dict(timer=k, syncs=n, added_syncs=n - syncs['none']) for k,n in syncs.items()]), dict(
-        batches=len(rows), clock=s.attrs['clock'], device_phases_add_up=bool((dev[:, :-1].sum(1) == dev[:, -1]).all()),
-        device_ms_per_batch=dev[:, -1].mean() / 1e6, host_ms_per_batch=host[:, -1].mean() / 1e6,
-        layer_roles_over_forward_backward=lt.summary().total_ms.sum() / (s.mean_ms['train', 'forward'] + s.mean_ms['train', 'backward']))
-
-# %% ../../nbs/tools/00_bench.ipynb #0a9d35c0
-def _bare_fit(grid):
-    "The training `compare_orders` does, as a bare loop: no timer, no files, no statistics, no report"
-    for cfg in grid: run_learner(cfg).fit_one_cycle(cfg.epochs, cfg.lr)
-
-def runner_overhead(orders=('resnet', 'bn_after', 'pool_before_bn'), config:RunConfig|None=None, seeds=1, repeats=3) -> pd.DataFrame:
-    "Paired wall times of `compare_orders` (into a new folder) and of a bare `fit_one_cycle` loop training the same runs"
-    config = config or RunConfig(epochs=5)
-    grid, times = comparison_plan(orders, config, seeds), {'runner': [], 'bare': []}
-    for r in progress_bar(range(repeats), leave=False):
-        for kind in (('runner', 'bare') if r % 2 == 0 else ('bare', 'runner')):
-            with tempfile.TemporaryDirectory() as d, redirect_stdout(io.StringIO()):
-                start = time.perf_counter()
-                if kind == 'runner': compare_orders(orders, config, seeds, out=Path(d)/'c')
-                else: _bare_fit(grid)
-                times[kind].append(time.perf_counter() - start)
-    ratio = [a/b for a,b in zip(times['runner'], times['bare'])]
-    return pd.DataFrame([dict(runs=len(grid), epochs=config.epochs, runner_s=statistics.median(times['runner']),
-                              bare_s=statistics.median(times['bare']), ratio=statistics.median(ratio), ratio_min=min(ratio), ratio_max=max(ratio))])
-
-# %% ../../nbs/tools/00_bench.ipynb #417acdff
-def engine_speedup(orders=('resnet', 'bn_after'), config:RunConfig|None=None, seeds=2, repeats=1, engine='ray') -> pd.DataFrame:
-    "Paired wall times of one grid trained by the sequential runner and on `engine` (each into a new folder), the ratio, and the overhead per run"
-    config, engine = config or RunConfig(epochs=3), get_engine(engine)
-    runs, rows = len(comparison_plan(orders, config, seeds)), []
-    slots = min(runs, int(os.cpu_count() // max(engine.cpus_per_run, 1e-9))) if engine.parallel else 1
-    for r in progress_bar(range(repeats), leave=False):
-        for e in ((get_engine('local'), engine) if r % 2 == 0 else (engine, get_engine('local'))):
-            with tempfile.TemporaryDirectory() as d, redirect_stdout(io.StringIO()):
-                start = time.perf_counter()
-                res = compare_orders(orders, config, seeds, out=Path(d)/'c', engine=e)
-                wall = time.perf_counter() - start
-            n = slots if e is engine else 1
-            rows.append(dict(repeat=r, engine=e.name, wall_s=wall, fit_s=res.runs.fit_s.sum(), threads=int(res.runs.threads.iloc[0]),
-                             overhead_per_run_s=(wall - res.runs.fit_s.sum() / n) / runs))
-    df = pd.DataFrame(rows)
-    wide = df.pivot(index='repeat', columns='engine', values='wall_s')
-    return pd.DataFrame([dict(runs=runs, engine=engine.name, at_once=slots, local_s=wide['local'].median(), engine_s=wide[engine.name].median(),
-                              ratio=(wide[engine.name] / wide['local']).median(),
-                              local_overhead_per_run_s=df[df.engine == 'local'].overhead_per_run_s.median(),
-                              engine_overhead_per_run_s=df[df.engine == engine.name].overhead_per_run_s.median(),
-                              local_threads=df[df.engine == 'local'].threads.iloc[0], engine_threads=df[df.engine == engine.name].threads.iloc[0])])
-
-# %% ../../nbs/tools/00_bench.ipynb #10d46824
-def ddp_fit(config:RunConfig, out):
-    "One rank of a data-parallel fit of `config`'s run under fastai's `distrib_ctx`, with `BatchTimer` and `LayerTimer`; writes `out`/rank{r}.json"
-    learn = run_learner(config, cbs=[BatchTimer(), LayerTimer()])
-    with data_parallel(learn, launched_ranks()):
-        rank, world = rank_world()
-        start = time.perf_counter()
-        learn.fit_one_cycle(config.epochs, config.lr)
-        fit_s = time.perf_counter() - start
-    table = lambda df: json.loads(df.reset_index().to_json(orient='records'))
-    res = dict(rank=rank, world=world, threads=torch.get_num_threads(), fit_s=fit_s, accuracy=float(learn.recorder.values[-1][2]),
-               batch=table(learn.batch_timer.summary()), layer=table(learn.layer_timer.summary()))
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out)/f'rank{rank}.json').write_text(json.dumps(res))
-    return res
-
-def ddp_launch(config:RunConfig, out, procs:int=2, timeout=1800) -> subprocess.CompletedProcess:
-    "Run `ddp_fit` of `config` on `procs` ranks with `torchrun` (one plain process when `procs` is 1), figures in `out`"
-    code = f"from fastai_order.tools.bench import ddp_fit; from fastai_order.experiment.run import RunConfig; ddp_fit(RunConfig(**{asdict(config)!r}), {str(out)!r})"
-    cmd = [sys.executable, '-c', code]
-    if procs > 1: cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={procs}', '--no-python', *cmd]
-    env = {**os.environ, **({} if torch.cuda.is_available() else {'ACCELERATE_USE_CPU': '1'})}   # Accelerate: gloo on CPUs
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-
-def ddp_speedup(config:RunConfig|None=None, procs:int=2, repeats:int=1) -> tuple:
-    "Paired wall times of `config`'s fit in one process and on `procs` data-parallel ranks; (times, rank 0's last per-rank figures)"
-    config, rows = config or RunConfig(epochs=2, workers=0), []
-    for r in progress_bar(range(repeats), leave=False):
-        for n in ((1, procs) if r % 2 == 0 else (procs, 1)):
-            with tempfile.TemporaryDirectory() as d:
-                done = ddp_launch(config, d, n)
-                if done.returncode: raise RuntimeError(f"the {n}-process fit failed: {done.stderr.strip().splitlines()[-1]}")
-                figures = [json.loads((Path(d)/f'rank{k}.json').read_text()) for k in range(n)]
-            rows.append(dict(repeat=r, procs=n, wall_s=max(f['fit_s'] for f in figures), threads=figures[0]['threads'],
-                             accuracy=figures[0]['accuracy']))
-            if n == procs: last = figures[0]
-    df = pd.DataFrame(rows)
-    wide = df.pivot(index='repeat', columns='procs', values='wall_s')
-    times = df.groupby('procs')[['wall_s', 'accuracy', 'threads']].median().reset_index()
-    times['ratio_to_one'] = [(wide[n] / wide[1]).median() for n in times.procs]
-    return times, last
-
-# %% ../../nbs/tools/00_bench.ipynb #81b18b5d
-@call_parse
-@cli_errors('fastai-order-overhead')
-def overhead_bench(
-    arch:str='xresnet18', # fastai XResNet whose train steps are timed for the overhead
-    bs:int=32, # batch size
-    size:int=64, # image size in pixels
-    batches:int=12, # train batches per fit
-    repeats:int=7, # paired repeats (medians are reported)
-    orders:str='resnet,bn_after,pool_before_act', # orders whose phase shares are shown, on a small CNN
-    threads:int=None, # torch CPU threads (default: torch's)
-    device:str=None, # 'cpu' or 'cuda' (default: CUDA when available, else cpu)
-    precision:str='fp32', # 'fp32', or autocast to 'bf16' or 'fp16' (CUDA only)
-    channels_last:store_true=False, # models and batches in channels_last memory format
-    compile:store_true=False, # fit `torch.compile`d models
-    cuda:store_true=False, # instead, on CUDA: count the synchronizations each timer adds and check the device phases
-    runner:store_true=False, # instead, the overhead of `compare_orders` against a bare fit loop (3 orders, 5 epochs of MNIST; `repeats` pairs)
-    engine:str=None, # with --runner: instead, the sequential runner against this engine (ray: a local Ray) on 2 orders × 2 seeds, 3 epochs of MNIST
-    ddp:int=None, # instead, 2 epochs of MNIST's CNN in one process and on `ddp` data-parallel ranks (torchrun; gloo on CPU), `repeats` pairs
-):
-    "Overhead of `BatchTimer` and `LayerTimer` on `arch`'s train steps, and phase shares of `orders` on a small CNN"
-    check_choice('arch', arch, XRESNET_ARCHS)
-    for k, v in dict(bs=bs, size=size, batches=batches, repeats=repeats).items(): check_int(k, v)
-    check_int('threads', threads, none_ok=True)
-    orders = [str(LayerOrder(o)) for o in orders.split(',')]   # checked before any benchmark runs
-    if cuda and not torch.cuda.is_available(): raise ValueError("--cuda needs CUDA, which is not available here")
-    setting = BenchSetting(device or ('cuda' if cuda else None), precision, channels_last, compile)
-    if cuda and setting.dev.type != 'cuda': raise ValueError(f"--cuda checks a CUDA device, but --device is {device!r}: leave --device out or give a cuda one")
-    if runner and setting != BenchSetting(setting.device): raise ValueError(
-        f"--runner times the runs `compare_orders` configures, not setting {str(setting)!r}: leave out --precision, --channels-last and --compile")
-    if cuda:
-        syncs,dev = cuda_check(getattr(fxr, arch)(n_out=10), bs=bs, size=size, batches=batches, setting=setting)
-        print(f"{arch}, batch {bs}, {size}px, {setting.describe()}")
-        print(syncs.to_string(index=False)); print(dev)
-        return
-    if threads: torch.set_num_threads(threads)
-    kept = keep_freed_memory()
-    if ddp is not None:
-        times, ranks = ddp_speedup(procs=check_int('ddp', ddp, 2), repeats=repeats)
-        print(f"2 epochs of MNIST's CNN, batch 64 per rank, in one process and on {ddp} ranks, {repeats} paired repeats:")
-        print(times.to_string(index=False, float_format='%.3f'))
-        for name in ('batch', 'layer'):
-            print(f"\nrank 0's {'BatchTimer' if name == 'batch' else 'LayerTimer'} summary (train) on {ddp} ranks:")
-            t = pd.DataFrame(ranks[name])
-            if name == 'batch': t = t[t.split == 'train'].drop(columns='split')
-            print(t.to_string(index=False, float_format='%.2f'))
-        return times
-    if engine is not None and not runner: raise ValueError("--engine compares the runner on an engine: add --runner")
-    if runner and engine is not None:
-        df = engine_speedup(repeats=repeats, engine=engine)
-        print(f"the same grid (2 orders × 2 seeds, 3 epochs of MNIST) by the sequential runner and on {engine}, {repeats} paired repeats:")
-        print(df.to_string(index=False, float_format='%.3f'))
-        return df
-    if runner:
-        df = runner_overhead(repeats=repeats)
-        print(f"compare_orders vs a bare fit_one_cycle loop, cnn on MNIST, {torch.get_num_threads()} threads, {repeats} paired repeats:")
-        print(df.to_string(index=False, float_format='%.3f'))
-        return df
-    print(f"{arch}, batch {bs}, {size}px, {batches} train batches per fit, {repeats} paired repeats, "
-          f"{setting.describe()}, malloc keeps freed memory: {kept}")
-    df = timer_overhead(getattr(fxr, arch)(n_out=10), bs=bs, size=size, batches=batches, repeats=repeats, setting=setting)
-    print(df.to_string(index=False, float_format='%.4g'))
-    print(f"BatchTimer's own code: {df.own_us_per_batch[2]:.0f} µs per batch = {df.own_pct[2]:.3f} % of an untimed train step")
-    print(f"\nBatchTimer phase shares (train, after warm-up), ordered_cnn widths (32, 64), batch {bs}, {size}px:")
-    print(phase_shares(orders, bs=bs, size=size, setting=setting).to_string(index=False, float_format='%.1f'))
-
-# %% ../../nbs/tools/00_bench.ipynb #034a690e
-def _trained_like(model, seed=0):
-    "`model` with BatchNorm statistics and parameters drawn like a trained model's (γ in [0.5, 1.5])"
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5); m.bias.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=g)); m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-    return model
-
-def optimize_models(names='resnet18,xresnet18,cnn') -> dict:
-    "The models of `fastai-order-optimize` by name: torchvision's resnet18, fastai's xresnet18, the thread's conv-bn-act-pool CNN"
-    makers = dict(resnet18=lambda: torchvision.models.resnet18(num_classes=10), xresnet18=lambda: fxr.xresnet18(n_out=10),
-                  cnn=lambda: ordered_cnn(3, 10, (32, 64, 128), order='conv-bn-act-pool'))
-    names = names.split(',') if isinstance(names, str) else names
-    for n in names: check_choice('model', n, list(makers))
-    torch.manual_seed(0)
-    return {n: _trained_like(makers[n]()) for n in names}
-
-def time_eval(model, x, calls=2, setting:BenchSetting|None=None) -> float:
-    "Seconds per forward call of `model` on `x` in inference mode under `setting`'s autocast and clock, after a warm-up"
-    setting = setting or BenchSetting(str(x.device))
-    def call():
-        with torch.inference_mode(), setting.autocast(): model(x)
-    return setting.seconds(call, calls)
-
-def compare_eval(models:dict, x, calls=2, repeats=7, setting:BenchSetting|None=None) -> pd.DataFrame:
-    "Seconds per forward call of each of `models` (name → model) on `x`, prepared by `setting`: one column per model, one row per paired repeat"
-    setting = setting or BenchSetting('cpu')
-    x, models = setting.batch(x), {n: setting.prepare(m) for n,m in models.items()}
-    names, rows = list(models), []
-    for r in progress_bar(range(repeats), leave=False):
-        rows.append({n: time_eval(models[n], x, calls, setting) for n in (names if r % 2 == 0 else names[::-1])})
-    return pd.DataFrame(rows)[names]
-
-def _speedup(times, base, new): return statistics.median(times[base] / times[new])
-
-# %% ../../nbs/tools/00_bench.ipynb #cacf6bcb
-def eval_speedups(model, x, calls=2, repeats=7, setting:BenchSetting|None=None) -> dict:
-    "Paired eval speed-ups of `optimize_order(model, 'eval')` against `model` and against torch.fx `fuse(model)`, on `x`, all under `setting`"
-    setting = setting or BenchSetting('cpu')
-    model, x = model.eval().to(setting.dev), setting.batch(x)
-    report = optimize_order(model, 'eval', example=x, channels_last=True if setting.channels_last else None,
-                            autocast=_DTYPES[setting.precision] if setting.precision != 'fp32' else None)   # judged at the setting's precision
-    rewrites = copy.deepcopy(report.model).to(memory_format=torch.contiguous_format) if report.channels_last else report.model
-    variants = {'original': model, 'fx fuse': fuse(model), 'rewrites only': rewrites, 'optimize_order': report.model}
-    t = compare_eval(variants, x, calls, repeats, setting)   # under `compile`, each variant's warm-up compiles it
-    return dict(ms_original=1e3*t.original.median(), ms_fuse=1e3*t['fx fuse'].median(), ms_optimized=1e3*t.optimize_order.median(),
-                vs_original=_speedup(t, 'original', 'optimize_order'), vs_fuse=_speedup(t, 'fx fuse', 'optimize_order'),
-                rewrites=_speedup(t, 'original', 'rewrites only'), channels_last=_speedup(t, 'rewrites only', 'optimize_order'),
-                layout_applied=report.channels_last, groups=len(report.rows), equivalence=report.error,
-                drift=report.drift['rewritten'], drift_original=report.drift['original'])
-
-def train_speedups(model, bs=32, size=64, steps=10, repeats=7, setting:BenchSetting|None=None) -> pd.DataFrame:
-    "Paired train-step times of `model`, of its exact rewrites alone, and with channels_last too (`compare_train_steps` under `setting`)"
-    x = torch.randn(4, 3, size, size)
-    variants = {'original': model, 'exact rewrites': optimize_order(model, example=x, channels_last=False, reps=0).model,
-                'rewrites + channels_last': optimize_order(model, example=x, channels_last=True, reps=0).model}
-    df = compare_train_steps(variants, bs=bs, size=size, steps=steps, repeats=repeats, setting=setting)
-    return df.assign(speedup=1/df.ratio)
-
-# %% ../../nbs/tools/00_bench.ipynb #5d6b31cc
-@call_parse
-@cli_errors('fastai-order-optimize')
-def optimize_bench(
-    models:str='resnet18,xresnet18,cnn', # comma-separated: resnet18 (torchvision), xresnet18 (fastai), cnn (the thread's conv-bn-act-pool CNN)
-    bs:int=8, # batch size in evaluation
-    size:int=224, # image size in evaluation (ImageNet's)
-    train_bs:int=32, # batch size of the CNN's train steps
-    train_size:int=64, # image size of the CNN's train steps
-    repeats:int=7, # paired repeats (medians are reported)
-    threads:int=None, # torch CPU threads (default: torch's)
-    device:str=None, # 'cpu' or 'cuda' (default: CUDA when available, else cpu)
-    precision:str='fp32', # 'fp32', or autocast to 'bf16' or 'fp16' (CUDA only)
-    channels_last:store_true=False, # every variant in channels_last memory format
-    compile:store_true=False, # every variant `torch.compile`d (slow: compiles each)
-):
-    "Speed-ups of `optimize_order` in evaluation (vs the original and vs torch.fx fuse) and in training (the CNN), under one setting"
-    for k, v in dict(bs=bs, size=size, train_bs=train_bs, train_size=train_size, repeats=repeats).items(): check_int(k, v)
-    check_int('threads', threads, none_ok=True)
-    setting = BenchSetting(device, precision, channels_last, compile)
-    named = optimize_models(models)
-    if threads: torch.set_num_threads(threads)
-    kept = keep_freed_memory()
-    print(f"{setting.describe()}, malloc keeps freed memory: {kept}, {repeats} paired repeats")
-    x = torch.randn(bs, 3, size, size, generator=torch.Generator().manual_seed(0))
-    ev = pd.DataFrame([dict(model=n, **eval_speedups(m, x, repeats=repeats, setting=setting)) for n,m in named.items()])
-    print(f"\nEvaluation, batch {bs}, {size}px: speed-up of optimize_order (paired medians); equivalence: its output error in float64; "
-          f"drift: its error at the run precision ({setting.precision}) against float64, next to the original's (max |Δ output| / max |output|)")
-    print(ev.to_string(index=False, float_format='%.3g'))
-    if 'cnn' in named:
-        print(f"\nTraining steps of the thread's CNN, batch {train_bs}, {train_size}px (conv-bn-act-pool → conv-bn-pool-act):")
-        df = train_speedups(optimize_models('cnn')['cnn'], train_bs, train_size, repeats=repeats, setting=setting)
-        print(df.to_string(index=False, float_format='%.3f'))
 
 # %% ../../nbs/tools/00_bench.ipynb #48e45bba
 @call_parse

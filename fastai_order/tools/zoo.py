@@ -6,366 +6,22 @@ Docs: https://fastai-order.github.io/fastai_order/tools/zoo.html.md"""
 
 # %% ../../nbs/tools/01_zoo.ipynb #43732b4e
 from __future__ import annotations
-import copy, csv, difflib, io, multiprocessing as mp, re, resource, signal, statistics, threading, time, warnings
+import csv, io, multiprocessing as mp, resource, signal, threading, time, warnings
 from contextlib import contextmanager
 from pathlib import Path
 import pandas as pd
 import psutil
-import torch, torch.nn as nn, torch.nn.functional as F, torch.fx as fx, torchvision
-import torch.utils._pytree as pytree
-from torch.fx.experimental.optimization import fuse
+import torch
 from filelock import FileLock
 from fastcore.script import call_parse
 from fastprogress.fastprogress import progress_bar
 from fastprogress import fastprogress as fpm
-from .bench import BenchSetting, compare_eval, compare_train_steps
-from ..rewrite.optimize import optimize_order, model_kept, rounding_sensitivity, ROUNDING_MARGIN
-from ..rewrite.swap import swap_order
-from ..model.ops import module_role, function_act, norm_act_norm, norm_act_forward_norm
-from ..core.checks import cli_errors, check_choice, check_int, check_number
+from .zoo_row import zoo_models, zoo_row
+from .zoo_summary import zoo_summary, zoo_problems
+from ..core.checks import cli_errors, check_bool, check_choice, check_int, check_number
 
 # %% auto #0
-__all__ = ['TIMM_MODELS', 'SUBSET', 'SOURCES', 'COLUMNS', 'zoo_models', 'zoo_model', 'calibrate_bn', 'output_errors',
-           'float64_rewrite', 'is_wrong', 'bn_calls', 'chain_convs', 'swap_coverage', 'zoo_row', 'run_isolated',
-           'zoo_sweep', 'zoo_summary', 'zoo_cli']
-
-# %% ../../nbs/tools/01_zoo.ipynb #93784c5c
-TIMM_MODELS = {
-    # ResNets and their descendants
-    'resnet26d': 'ResNet-D: deep stem, avg-pool shortcut',
-    'seresnext26d_32x4d': 'ResNeXt with squeeze-excitation',
-    'resnest14d': 'ResNeSt: split attention',
-    'res2net50_26w_4s': 'Res2Net: hierarchical splits inside the block',
-    'skresnet18': 'SKNet: selective kernels',
-    'resnetv2_50': 'pre-activation ResNet: BN-act-conv',
-    'resnetv2_50x1_bit': 'BiT: GroupNorm and weight-standardized convs',
-    'tresnet_m': 'TResNet: space-to-depth stem, anti-aliased downsampling',
-    # EfficientNets, MobileNets, NAS nets, re-parametrizable nets
-    'efficientnet_b0': 'EfficientNet: MBConv with SE, SiLU',
-    'tf_efficientnet_b0': "TF port: 'same'-padding convs",
-    'efficientnetv2_rw_t': 'EfficientNetV2: fused MBConv',
-    'mobilenetv2_100': 'MobileNetV2: inverted residuals',
-    'mobilenetv3_large_100': 'MobileNetV3: hard-swish, SE',
-    'mobilenetv3_small_050': 'MobileNetV3 small, half width',
-    'mobilenetv4_conv_small': 'MobileNetV4: universal inverted bottleneck',
-    'mnasnet_100': 'MnasNet',
-    'mixnet_s': 'MixNet: mixed depthwise kernel sizes',
-    'fbnetc_100': 'FBNet-C',
-    'lcnet_050': 'PP-LCNet',
-    'tinynet_a': 'TinyNet: EfficientNet scaled down',
-    'ghostnet_100': 'GhostNet: cheap ghost features',
-    'rexnet_100': 'ReXNet',
-    'repvgg_a0': 'RepVGG: 3×3, 1×1 and identity branches, a BN each',
-    'mobileone_s0': 'MobileOne: re-parametrizable branches',
-    'repvit_m1': 'RepViT: re-parametrizable mobile CNN',
-    'fastvit_t8': 'FastViT: re-parametrizable token mixing',
-    # RegNets, DPN, CSP, VoVNet, DenseNet, DLA, HRNet, SelecSLS
-    'regnetx_002': 'RegNetX 200MF',
-    'regnety_004': 'RegNetY 400MF, with SE',
-    'regnetz_b16': 'RegNetZ',
-    'dpn68b': 'Dual Path Network: BN-act-conv, concatenated paths',
-    'cspresnet50': 'CSPResNet: cross-stage partial',
-    'cspdarknet53': 'CSPDarkNet: leaky ReLU',
-    'vovnet39a': 'VoVNet: one-shot aggregation',
-    'ese_vovnet19b_dw': 'VoVNetV2: effective SE, depthwise',
-    'densenet121': 'DenseNet: BN-act-conv, concatenation',
-    'dla34': 'Deep Layer Aggregation',
-    'hrnet_w18_small': 'HRNet: parallel resolutions, fuse layers',
-    'selecsls42b': 'SelecSLS',
-    # Inception and Xception
-    'inception_v3': "Inception v3, timm's port",
-    'inception_v4': 'Inception v4',
-    'xception41': 'aligned Xception: separable convs',
-    # normalizer-free nets: scaled weight-standardized convs, no BN
-    'nf_resnet50': 'NF-ResNet',
-    'nf_regnet_b0': 'NF-RegNet',
-    'nfnet_l0': 'NFNet-L0',
-    # ConvNeXt, hybrids and transformers
-    'convnext_atto': 'ConvNeXt: depthwise 7×7, LayerNorm',
-    'convnextv2_atto': 'ConvNeXt V2: global response norm',
-    'efficientvit_b0': 'EfficientViT (MIT): linear attention, conv-BN',
-    'efficientvit_m0': 'EfficientViT (MSRA): BN after linear and conv',
-    'levit_128s': 'LeViT: BN after linear layers',
-    'levit_conv_128s': 'LeViT built of conv-BN',
-    'mobilevit_xxs': 'MobileViT',
-    'maxvit_pico_rw_256': 'MaxViT: MBConv and block/grid attention',
-    'vit_tiny_patch16_224': 'ViT: patch conv, LayerNorm',
-    'deit_tiny_patch16_224': 'DeiT',
-}
-
-SUBSET = dict(
-    torchvision=['resnet18', 'mobilenet_v3_small', 'mnasnet0_5', 'shufflenet_v2_x0_5', 'squeezenet1_1',
-                 'regnet_x_400mf', 'regnet_y_400mf', 'efficientnet_b0', 'googlenet', 'mobilenet_v2'],
-    timm=['mobilenetv3_small_050', 'regnetx_002', 'repvgg_a0', 'ese_vovnet19b_dw', 'resnet10t',
-          'ghostnet_050', 'dla46_c', 'resnetv2_18', 'efficientvit_m0', 'levit_conv_128s'])
-
-SOURCES = ('torchvision', 'timm')
-
-# %% ../../nbs/tools/01_zoo.ipynb #cdf4d4de
-def _timm():
-    try: import timm
-    except ImportError: raise RuntimeError("timm is not installed: `pip install timm` to sweep its models, or use --source torchvision") from None
-    return timm
-
-def _names(source) -> list:
-    "Every model of `source` the sweep can build"
-    return torchvision.models.list_models(module=torchvision.models) if source == 'torchvision' else _timm().list_models()
-
-def zoo_models(
-    source:str='torchvision,timm', # 'torchvision', 'timm', both comma-separated, or 'subset' (`SUBSET`)
-    models:str|list|None=None, # comma-separated names: only these (any torchvision or timm classifier, swept or not)
-) -> list:
-    "The `(source, name)` pairs a sweep of `source` runs: every torchvision classifier and `TIMM_MODELS`, or `SUBSET`, or only `models`"
-    srcs = source.split(',') if isinstance(source, str) else list(source)
-    for s in srcs: check_choice('source', s, SOURCES + ('subset',))
-    if 'subset' in srcs and len(srcs) > 1: raise ValueError(f"Source 'subset' already holds both sources' test models: give it alone, got {source!r}")
-    if srcs == ['subset']: pool = [(s, n) for s in SOURCES for n in SUBSET[s]]
-    else: pool = [(s, n) for s in dict.fromkeys(srcs) for n in (_names(s) if s == 'torchvision' else TIMM_MODELS)]
-    if models is None: return pool
-    own = list(dict.fromkeys(srcs)) if srcs != ['subset'] else []   # sources whose every model may be asked for
-    res = []
-    for n in (models.split(',') if isinstance(models, str) else models):
-        hit = [(s, n) for s in own if n in _names(s)] if own else [p for p in pool if p[1] == n]
-        if not hit:
-            close = difflib.get_close_matches(n, [m for s in own for m in _names(s)] or [m for _,m in pool], n=1)
-            where = f"{' or '.join(own)} models" if own else 'the subset: ' + ', '.join(m for _,m in pool)
-            raise ValueError(f"Unknown model {n!r}: {f'did you mean {close[0]!r}? ' if close else ''}--source {source} takes {where}")
-        res += [p for p in hit if p not in res]
-    return res
-
-# %% ../../nbs/tools/01_zoo.ipynb #d2ac4121
-def _fixed_size(source, m) -> bool:
-    "Whether model `m` takes its default input size only (attention with position biases or embeddings)"
-    if source == 'timm': return bool(m.pretrained_cfg.get('fixed_input_size', False))
-    return hasattr(m, 'image_size') or type(m).__name__ == 'MaxVit'
-
-def zoo_model(
-    source:str, # 'torchvision' or 'timm'
-    name:str, # the model's name there
-    seed:int=0, # seed of its random weights
-    size:int|None=None, # input size in pixels, for a model that takes any (None: its default)
-) -> tuple:
-    "(model, input shape C×H×W) of `name` from `source` with random weights, in eval mode; the shape is the model's default"
-    check_choice('source', source, SOURCES)
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')   # torchvision's googlenet and inception_v3 warn about their init
-        if source == 'torchvision':
-            m = torchvision.models.get_model(name, weights=None)
-            shape = (3, *[getattr(m, 'image_size', 299 if name == 'inception_v3' else 224)] * 2)
-        else: m = _timm().create_model(name, pretrained=False); shape = tuple(m.pretrained_cfg['input_size'])
-    if size is not None and not _fixed_size(source, m): shape = (shape[0], size, size)
-    return m.eval(), shape
-
-def calibrate_bn(model, shape, seed:int=0, passes:int=2, bs:int=2):
-    "Give each BatchNorm of `model` random γ, β and the running statistics of `passes` train-mode forwards on random `bs`×`shape` batches (in place); eval mode"
-    g = torch.Generator().manual_seed(seed)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    with torch.no_grad():
-        for m in bns:
-            if m.affine: m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5); m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-        momenta = [m.momentum for m in bns]
-        for m in bns: m.reset_running_stats(); m.momentum = None   # None: a cumulative average over the passes
-        model.train()
-        try:
-            for _ in range(passes if bns else 0): model(torch.randn(bs, *shape, generator=g))
-        finally:
-            for m,mo in zip(bns, momenta): m.momentum = mo
-    return model.eval()
-
-# %% ../../nbs/tools/01_zoo.ipynb #fff784e8
-_OOM = ("can't allocate memory", 'not enough memory', 'out of memory', 'DefaultCPUAllocator', 'bad_alloc')
-
-def _line(e, n:int=300) -> str:
-    "The type and first line of exception `e`, at most `n` characters"
-    s = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {s[0] if s else ''}"[:n]
-
-def _is_oom(e) -> bool: return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(s in str(e) for s in _OOM))
-
-def _classify(e) -> dict:
-    "Outcome, reason and message of the exception `e` of `optimize_order`"
-    msg = str(e)
-    if _is_oom(e): return dict(outcome='out of memory', message=_line(e))
-    if isinstance(e, ValueError):
-        if m := re.match(r'optimize_order refused \(([^)]*)\)', msg): return dict(outcome='refused', reason=m[1], message=_line(e, 500))
-        if re.search(r'trac\w* .*fail', msg.split('\n')[0]): return dict(outcome='untraceable', message=_line(e))
-    return dict(outcome='crashed', message=_line(e), error_type=type(e).__name__)
-
-def _outputs(model, x, mode, seed=0) -> torch.Tensor:
-    "Every tensor `model` returns on `x` in `mode` (dropout off, seeded) as one float64 vector; the model is left as it was"
-    torch.manual_seed(seed)
-    with model_kept(model, mode, dropout=False), torch.no_grad(): y = model(x.to(next(model.parameters()).dtype))
-    return torch.cat([t.detach().double().flatten() for t in pytree.tree_leaves(y) if isinstance(t, torch.Tensor)])
-
-def _rel(a, b) -> float: return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
-
-def _f64(model): return copy.deepcopy(model).to(torch.float64)
-
-def output_errors(model, new, x, mode:str='eval') -> dict:
-    "Max |Δ output| / max |output| on `x` against a float64 copy of `model`: of `new` (`optimize_order`'s result) and `model` as they are, and of a float64 copy of `new`"
-    ref = _outputs(_f64(model), x, mode)
-    return dict(fp32_error=_rel(_outputs(new, x, mode), ref), fp32_error_original=_rel(_outputs(model, x, mode), ref),
-                f64_error=_rel(_outputs(_f64(new), x, mode), ref))
-
-def float64_rewrite(model, x, x2, mode:str='eval') -> dict:
-    "The sweep's own proof of `optimize_order(model, mode, example=x)`: redone on `model` cast to float64 in place (whose folds are not rounded), its groups and output error against it on `x2`, and how much one rounding of every weight moves its output there"
-    m64 = model.to(torch.float64)   # in place: the sweep's last use of the model, and no room for a copy of the largest
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        r64 = optimize_order(m64, mode, example=x.to(torch.float64), reps=0, channels_last=False)
-    return dict(groups64=len(r64.rows), sweep_error=_rel(_outputs(r64.model, x2, mode), _outputs(m64, x2, mode)),
-                float64_noise=rounding_sensitivity(m64, x2.to(torch.float64), mode)[0])
-
-def is_wrong(row, tol:float=1e-9) -> bool:
-    "Whether the sweep's float64 error of a row is more than `tol` and than `ROUNDING_MARGIN`× what one rounding of every weight changes"
-    return not row['sweep_error'] <= max(tol, ROUNDING_MARGIN * (row.get('float64_noise') or 0))
-
-# %% ../../nbs/tools/01_zoo.ipynb #a3a58a5c
-def _timings(variants:dict, x, mode, reps) -> dict:
-    "ms per call of each of `variants` (name → model; eval forward or train step) and paired speed-ups over 'original'"
-    s = BenchSetting('cpu')
-    if mode == 'eval':
-        t = compare_eval(variants, x, calls=1, repeats=reps, setting=s)
-        return {**{f'ms_{k}': 1e3 * t[k].median() for k in variants},
-                **{f'speedup_{k}': statistics.median(t.original / t[k]) for k in variants if k != 'original'}}
-    df = compare_train_steps(variants, bs=x.shape[0], size=x.shape[-1], c_in=x.shape[1], steps=1, repeats=reps, setting=s).set_index('model')
-    return {**{f'ms_{k}': df.ms_per_step[k] for k in variants}, **{f'speedup_{k}': 1 / df.ratio[k] for k in variants if k != 'original'}}
-
-class _OpTracer(fx.Tracer):
-    "Traces a whole model down to the modules the op registry knows"
-    def is_leaf_module(self, m, qualname): return module_role(m) is not None or super().is_leaf_module(m, qualname)
-
-def _op_graph(model):
-    "The torch.fx graph of `model` in eval, down to the modules the op registry knows, or None if it cannot be traced; the model is left as it was (a trace fills caches with proxies)"
-    with model_kept(model, 'eval'):
-        try: return _OpTracer().trace(model)
-        except Exception: return None
-
-_BN = nn.modules.batchnorm._BatchNorm
-
-def bn_calls(model) -> int|None:
-    "BatchNorm calls in `model`'s torch.fx trace: BatchNorm modules, norm+act modules with a BatchNorm, `F.batch_norm`; None if it cannot be traced"
-    g = _op_graph(model)
-    if g is None: return None
-    mods = dict(model.named_modules())
-    def bn(n):
-        if n.op == 'call_module': return isinstance(m := mods[n.target], _BN) or (module_role(m) == 'norm_act' and issubclass(norm_act_norm(m), _BN))
-        return n.op == 'call_function' and n.target in (F.batch_norm, norm_act_forward_norm)
-    return sum(map(bn, g.nodes))
-
-def chain_convs(model) -> list|None:
-    "Paths of the convs of `model` that start a conv → norm → act chain in its torch.fx trace (each op's output used by the next alone); None if it cannot be traced"
-    g = _op_graph(model)
-    if g is None: return None
-    mods = dict(model.named_modules())
-    identity = lambda n: n.op == 'call_module' and type(mods[n.target]) is nn.Identity
-    role = lambda n: (module_role(mods[n.target]) if n.op == 'call_module' else
-                      'act' if n.op == 'call_function' and function_act(n.target) else None)
-    def after(n):   # the op that alone takes the output of `n`, past identities, or None
-        while len(n.users) == 1 and next(iter(n.users)).args[:1] == (n,):
-            n = next(iter(n.users))
-            if not identity(n): return n
-        return None
-    def with_act(n):   # a norm+act module with its activation, or a norm whose output goes alone to an activation
-        if role(n) == 'norm_act': return type(getattr(mods[n.target], 'act', nn.Identity())) is not nn.Identity
-        return role(n) == 'bn' and (a := after(n)) is not None and role(a) == 'act'
-    return [n.target for n in g.nodes if role(n) == 'conv' and (a := after(n)) is not None and with_act(a)]
-
-def swap_coverage(model, x, order='bn_after') -> dict:
-    "What `swap_order(copy, order)` did to a copy of `model`: blocks by status, its `complete`, the conv → norm → act chains of its trace it missed, same state_dict keys, still runs on `x`"
-    m = copy.deepcopy(model)
-    keys, chains = set(m.state_dict()), chain_convs(m)
-    try: r = swap_order(m, order)
-    except Exception as e:   # a refusal leaves the model as it was and says so; anything else is a bug
-        return dict(swap_status='refused' if isinstance(e, ValueError) and 'Nothing was changed' in str(e) else 'crashed', swap_error=_line(e))
-    done = r.paths('rewritten')
-    missed = None if chains is None else [c for c in chains if not any(c == p or c.startswith(p + '.') for p in done)]
-    res = dict(swap_status='ok', **{f'swap_{s}': len(r.paths(s)) for s in ('rewritten', 'unchanged', 'skipped')},
-               swap_complete=getattr(r, 'complete', None), swap_chains=None if chains is None else len(chains),
-               swap_missed=None if missed is None else len(missed), swap_missed_at='; '.join(missed[:3]) if missed else None,
-               swap_keys_same=set(m.state_dict()) == keys)
-    try:
-        with torch.no_grad(): m.eval()(x)
-        return dict(res, swap_runs=True)
-    except Exception as e: return dict(res, swap_runs=False, swap_error=_line(e))
-
-
-
-# %% ../../nbs/tools/01_zoo.ipynb #d58924c0
-def zoo_row(
-    source:str, # 'torchvision' or 'timm'
-    name:str, # the model's name there
-    mode:str='eval', # what `optimize_order` rewrites for: 'eval' (BN folding, dropout removal) or 'train'
-    reps:int=3, # paired timing repeats, also `optimize_order`'s `reps` (0: no timing)
-    channels_last:bool|None=None, # `optimize_order`'s: None lets it time both layouts (needs `reps`)
-    bs:int=2, # batch size
-    size:int|None=None, # input size in pixels for models that take any (None: each model's default)
-    tol:float=1e-9, # the float64 output error (relative to the largest output) a right rewrite may have, or `ROUNDING_MARGIN`× the model's own rounding sensitivity if larger
-    seed:int=0, # seed of the weights and the batches
-    log=None, # called with each part of the row as soon as it is known
-) -> dict:
-    "One model's row: `optimize_order`'s outcome, the sweep's own float64 error, paired speed-ups, `swap_order`'s coverage"
-    row = dict(source=source, model=name, mode=mode, channels_last='auto' if channels_last is None else channels_last, bs=bs)
-    def note(**kw):
-        row.update(kw)
-        if log: log(kw)
-    start, last = time.perf_counter(), [None, time.perf_counter()]
-    def phase(p):
-        now = time.perf_counter()
-        if last[0]: note(**{f's_{last[0]}': now - last[1]})
-        last[:] = p, now
-        note(phase=p)
-    try:
-        phase('build')
-        model, shape = zoo_model(source, name, seed, size)
-        calibrate_bn(model, shape, seed)
-        g = torch.Generator().manual_seed(seed)
-        x, x2 = torch.randn(bs, *shape, generator=g), torch.randn(bs, *shape, generator=g)
-        model.train(mode == 'train')
-        note(size=shape[-1], params_m=sum(p.numel() for p in model.parameters()) / 1e6, bn_original=bn_calls(model))
-        phase('optimize')
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            try: report = optimize_order(model, mode, example=x, reps=reps, channels_last=channels_last)
-            except Exception as e: report = None; note(**_classify(e))
-        new = None if report is None else report.model
-        if report is not None:
-            groups = len(report.rows)
-            note(outcome='optimized' if groups else 'unchanged', groups=groups, optimizer_error=report.error,
-                 layout_applied=report.channels_last, bn_optimized=bn_calls(new))
-            phase('check')
-            errors = output_errors(model, new, x2, mode)
-            f64 = errors.pop('f64_error')
-            note(**errors, **({} if groups else dict(sweep_error=f64, groups64=0)))   # nothing rewritten: the float64 copies are the proof
-        fused = None
-        if mode == 'eval':
-            phase('fuse')
-            try: fused = fuse(copy.deepcopy(model).eval()); note(bn_fuse=bn_calls(fused))
-            except Exception as e: note(fuse_error=_line(e))
-        if reps and row.get('outcome') == 'optimized':
-            phase('time')
-            variants = dict(original=model, optimized=new, control=copy.deepcopy(model), **({'fuse': fused} if fused else {}))
-            try: t = _timings(variants, x, mode, reps)
-            except Exception as e: t = {}; note(time_error=_line(e))   # e.g. a train step needs one tensor out for its loss
-            note(**{k.replace('speedup_optimized', 'speedup'): v for k,v in t.items()})
-            if 'speedup_fuse' in t: note(speedup_vs_fuse=t['speedup_optimized'] / t['speedup_fuse'])
-        report = new = fused = variants = None   # a whole-model copy each: memory for the float64 proof
-        phase('swap')
-        note(**swap_coverage(model, x))
-        if row.get('outcome') == 'optimized':
-            phase('exact')
-            note(**float64_rewrite(model, x, x2, mode))
-        if row.get('outcome') in ('optimized', 'unchanged') and is_wrong(row, tol):
-            note(outcome='wrong', message=f"float64 output error {row['sweep_error']:.2e} > tol {tol:g} and > {ROUNDING_MARGIN}× the "
-                                          f"model's own rounding sensitivity {row.get('float64_noise') or 0:.1e}")
-        phase('done')
-    except Exception as e:   # the sweep's own steps: building, checking, timing
-        oom = _is_oom(e)
-        note(outcome='out of memory' if oom else 'crashed', error_type=type(e).__name__,
-             message=(_line(e) if oom or row.get('phase') == 'optimize' else f"in the sweep's {row.get('phase')} step: {_line(e)}"))
-    note(seconds=time.perf_counter() - start)
-    return row
+__all__ = ['COLUMNS', 'run_isolated', 'zoo_sweep', 'zoo_cli']
 
 # %% ../../nbs/tools/01_zoo.ipynb #624675fd
 COLUMNS = ['source', 'model', 'mode', 'channels_last', 'bs', 'size', 'params_m', 'outcome', 'reason', 'message', 'error_type',
@@ -483,14 +139,13 @@ def run_isolated(
     return row
 
 # %% ../../nbs/tools/01_zoo.ipynb #61b37d55
-_OUTCOMES = ['optimized', 'unchanged', 'refused', 'untraceable', 'crashed', 'wrong', 'timeout', 'out of memory']
-
 def _channels_last(v):
     "`channels_last` of `optimize_order` from True/False/None or the words the command takes"
-    if v is None or v in (True, False): return v
-    words = {'auto': None, 'none': None, 'true': True, 'false': False}
-    if str(v).lower() not in words: raise ValueError(f"`channels_last` must be True, False or auto (None), got {v!r}")
-    return words[str(v).lower()]
+    if v is None or v is True or v is False: return v
+    words, msg = {'auto': None, 'none': None, 'true': True, 'false': False}, f"`channels_last` must be True, False or auto (None), got {v!r}"
+    if not isinstance(v, str): raise TypeError(msg)
+    if v.lower() not in words: raise ValueError(msg)
+    return words[v.lower()]
 
 def _describe(row) -> str:
     "One line about a finished row"
@@ -526,7 +181,7 @@ def zoo_sweep(
     cl = _channels_last(channels_last)
     check_int('reps', reps, 0); check_int('bs', bs); check_int('size', size, 8, none_ok=True)
     check_number('timeout', timeout, 0.01); check_number('memory_gb', memory_gb, 0.1)
-    if isolate not in (True, False): raise TypeError(f"`isolate` must be True or False, got {isolate!r}")
+    check_bool('isolate', isolate); check_bool('verbose', verbose)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     kw = dict(mode=mode, reps=reps, channels_last=cl, bs=bs, size=size)
@@ -543,41 +198,6 @@ def zoo_sweep(
     df = _read(out)
     want = {key(*p) for p in pairs}
     return df[[_key(r) in want for r in df.to_dict('records')]].reset_index(drop=True)
-
-# %% ../../nbs/tools/01_zoo.ipynb #c55c8447
-def _spread(s) -> str:
-    s = pd.to_numeric(s, errors='coerce').dropna()
-    return '–' if s.empty else f"{s.median():.2f}× ({s.min():.2f}–{s.max():.2f}, n={len(s)})"
-
-def _is(s, v) -> pd.Series: return s.map(lambda a: str(a) == str(v))
-
-def zoo_summary(df:pd.DataFrame) -> pd.DataFrame:
-    "Per source and in all: models tried, each outcome (refusals by reason), speed-ups of the optimized ones, the control's, swap coverage"
-    groups = [(f'{s}', d) for s,d in df.groupby('source', sort=False)]
-    if len(groups) > 1: groups.append(('all', df))
-    modes = '/'.join(map(str, df['mode'].unique())) or 'eval'
-    reasons = sorted(df.loc[df.outcome == 'refused', 'reason'].fillna('?').unique())
-    cols = {}
-    for name, d in groups:
-        r = {'tried': len(d)}
-        for o in _OUTCOMES:
-            r[o] = int((d.outcome == o).sum())
-            if o == 'refused':
-                for why in reasons: r[f'  refused ({why})'] = int(((d.outcome == o) & (d.reason.fillna('?') == why)).sum())
-        opt = d[d.outcome == 'optimized']
-        r[f'{modes} speed-up vs original'] = _spread(opt.speedup)
-        r[f'{modes} speed-up vs fx fuse'] = _spread(opt.speedup_vs_fuse)
-        r['identical copy (control)'] = _spread(opt.speedup_control)
-        swapped = _is(d.swap_status, 'ok')
-        missed, chains = (pd.to_numeric(d[c], errors='coerce') for c in ('swap_missed', 'swap_chains'))   # a CSV read back by pandas holds floats
-        r['swap: every chain swapped'] = f"{int((missed == 0).sum())}/{int(missed.notna().sum())}"
-        r['swap: chains swapped'] = f"{int(chains.sum() - missed.sum())}/{int(chains.sum())}"
-        r['swap: report complete'] = f"{int(_is(d.swap_complete, True).sum())}/{len(d)}"
-        r['swap refused / crashed'] = f"{int(_is(d.swap_status, 'refused').sum())} / {int(_is(d.swap_status, 'crashed').sum())}"
-        r['swapped model fails to run'] = int(_is(d.swap_runs, False).sum())
-        r['swap changed state_dict keys'] = int((swapped & _is(d.swap_keys_same, False)).sum())
-        cols[name] = r
-    return pd.DataFrame(cols)
 
 # %% ../../nbs/tools/01_zoo.ipynb #627ae64b
 def _interrupt(signum, frame): raise KeyboardInterrupt
@@ -609,15 +229,9 @@ def zoo_cli(
     check_int('threads', threads, none_ok=True)
     if threads: torch.set_num_threads(threads)
     with _term_as_interrupt(): df = zoo_sweep(source, models, mode, channels_last, reps, timeout, memory_gb, out, bs, size)
-    bad = df[~df.outcome.isin(['optimized', 'unchanged']) | ~df.swap_status.isin(['ok']) | _is(df.swap_runs, False) |
-             (pd.to_numeric(df.swap_missed, errors='coerce') > 0)]
-    if len(bad):
+    if bad := zoo_problems(df):
         print(f"\nModels to look at ({len(bad)}):")
-        for r in bad.to_dict('records'):
-            print(f"  {r['source']}/{r['model']}: {r['outcome']}" + (f" [{r['message']}]" if r['outcome'] not in ('optimized', 'unchanged') else '')
-                  + (f"; swap {r['swap_status']}" if isinstance(r['swap_status'], str) and r['swap_status'] != 'ok' else '')
-                  + ('; the swapped model does not run' if str(r['swap_runs']) == 'False' else '') + (f" [{r['swap_error']}]" if isinstance(r['swap_error'], str) else '')
-                  + (f"; swap missed {r['swap_missed']:.0f} of {r['swap_chains']:.0f} chains: {r['swap_missed_at']}" if r['swap_missed'] > 0 else ''))
+        for line in bad: print('  ' + line)
     print(f"\nSummary of {len(df)} models in {out} ({mode}, batch {bs}, cpu, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}):")
     print(zoo_summary(df).to_string())
     return df
