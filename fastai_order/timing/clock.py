@@ -99,5 +99,5 @@ def device_clock(clock, model, current:Clock|None=None) -> Clock|None:
 class TimerCallback(Callback):
     "Base of the timers: a `Callback` whose private attributes (`_…`) are set directly, so hot paths skip `Callback`'s check for shadowed `Learner` attributes"
     def __setattr__(self, k, v):
-        if k.startswith('_'): object.__setattr__(self, k, v)
+        if k[0] == '_': object.__setattr__(self, k, v)
         else: super().__setattr__(k, v)
