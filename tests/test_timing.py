@@ -13,7 +13,8 @@ from fastai_order.tools.synthetic import synthetic_dls
 from fastai_order.model.layers import ordered_cnn
 from fastai_order.timing.batch_timer import BatchTimer, PHASES, _Stats
 from fastai_order.timing.clock import CudaClock
-from fastai_order.timing.layer_timer import LayerTimer, ROLES
+from fastai_order.timing.layer_timer import LayerTimer
+from fastai_order.model.ops import ROLES
 
 PH = [f'{p}_ms' for p in PHASES]
 
@@ -249,7 +250,7 @@ def test_layer_timer_roles_and_cleanup():
     learn = Learner(synthetic_dls(n=96), xresnet18(n_out=4, c_in=3), loss_func=CrossEntropyLossFlat(), cbs=[lt])
     fit(learn)
     s = lt.summary()
-    assert list(s.index) == list(ROLES)
+    assert list(s.index) == [*ROLES, 'other']
     assert (s.loc[['conv', 'bn', 'act', 'pool'], 'forward_ms'] > 0).all() and (s.loc[['conv', 'bn', 'act'], 'backward_ms'] > 0).all()
     assert s.pct.sum() == pytest.approx(100)
     assert lt.batches == {'train': len(learn.dls.train) - 1, 'valid': len(learn.dls.valid) - 1}
@@ -308,3 +309,37 @@ def test_cuda_timers_add_no_syncs_and_add_up():
     assert s.attrs['clock'] == 'device'
     roles = lt.summary()
     assert roles.total_ms.sum() == pytest.approx(s.mean_ms['train', 'forward'] + s.mean_ms['train', 'backward'], rel=0.1)
+
+
+# --- what tools read: the timer's own classes, and the raw nanoseconds on one clock
+
+def test_own_classes_and_phase_ns():
+    assert BatchTimer.own_classes() == (BatchTimer, type(BatchTimer()._head))
+    gpu = FakeGPU(lag=40)
+    t = BatchTimer(clock=fake_events(gpu))
+    learn = learner(t)
+    fit(learn)
+    host, dev = t.phase_ns('host'), t.phase_ns('device')   # reading device times waits, once
+    assert gpu.waits == 1 and host.shape == dev.shape == (t.rows.n, len(PHASES) + 1)
+    assert np.array_equal(host[:, :-1].sum(1), host[:, -1]) and np.array_equal(dev[:, :-1].sum(1), dev[:, -1])
+    assert np.allclose(host / 1e6, t.df[PH + ['total_ms']].to_numpy()) and np.array_equal(t.phase_ns('cuda'), dev)
+    host[:] = 0
+    assert t.phase_ns('host')[:, -1].min() > 0   # a copy: the timer's rows are its own
+    with pytest.raises(ValueError, match="allowed: host, device"): t.phase_ns('auto')
+    assert np.isnan(BatchTimer(clock='host').phase_ns('device')).all()
+
+
+def test_one_clock_vocabulary():
+    "The timers' `clock` and `summary(clock=)` take the same names; 'cuda' is the old spelling of 'device'"
+    for cls in (BatchTimer, LayerTimer):
+        assert cls(clock='device').clock == cls(clock='cuda').clock == 'device'
+        with pytest.raises(ValueError, match=r"'gpu'.*allowed: auto, host, device"): cls(clock='gpu')
+        with pytest.raises(TypeError, match='clock'): cls(clock=1)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match='CUDA'): fit(learner(BatchTimer(clock='device')))
+    t = BatchTimer(clock=fake_events(FakeGPU(lag=3)))
+    fit(learner(t))
+    pd_eq = lambda a, b: a.equals(b) and a.attrs == b.attrs
+    assert pd_eq(t.summary(clock='cuda'), t.summary(clock='device')) and t.summary().attrs['clock'] == 'device'
+    with pytest.raises(TypeError, match='wandb_every'): BatchTimer(wandb_every='1')
+    with pytest.raises(TypeError, match='overwrite'): t.to_csv('never_written.csv', overwrite='yes')
