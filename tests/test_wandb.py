@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest, wandb
 import fastai.callback.wandb as fastai_wandb
 from fastai.callback.wandb import WandbCallback
-from fastai_order import wandb as fo_wandb
+from fastai_order.timing import wandb as fo_wandb
 from fastai_order.timing.batch_timer import BatchTimer, PHASES
 from wandb_history import history, config, summary
 from test_timing import learner, FakeGPU, fake_events

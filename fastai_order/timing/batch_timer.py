@@ -6,22 +6,22 @@ Docs: https://fastai-order.github.io/fastai_order/timing/batch_timer.html.md"""
 
 # %% ../../nbs/timing/01_batch_timer.ipynb #9ddcba80
 from __future__ import annotations
-import math, sys, time
+import math, sys
 from functools import partial
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-from fastcore.basics import patch
-from fastai.callback.core import Callback
 from fastai.torch_core import find_bs
-from ..core.checks import check_int, check_choice
-from .clock import Clock, CudaClock, check_clock, device_clock
+from ..core.checks import check_int, check_number, check_choice, check_bool
+from ..core.files import atomic_path
+from .clock import Clock, HostClock, TimerCallback, check_clock, device_clock
 from ..core.distributed import rank_world, gather_ranks, fix_distributed_dl, rank_columns
 
 # %% auto #0
-__all__ = ['PHASES', 'SPLITS', 'OUTCOMES', 'PHASE_COLORS', 'phase_times', 'BatchTimer']
+__all__ = ['PHASES', 'PHASE_COLORS', 'SPLITS', 'OUTCOMES', 'phase_times', 'BatchTimer']
 
 # %% ../../nbs/timing/01_batch_timer.ipynb #075dd65f
 PHASES = ('data', 'forward', 'loss', 'backward', 'step', 'other')
+PHASE_COLORS = dict(data='#4c72b0', forward='#55a868', loss='#c44e52', backward='#8172b2', step='#ccb974', other='#8c8c8c')
 
 _WORK = {('after_batch','before_batch'):'data', ('before_train','before_batch'):'data', ('before_validate','before_batch'):'data',
          ('before_batch','after_pred'):'forward', ('after_pred','after_loss'):'loss',
@@ -77,7 +77,7 @@ class _Rows:
     def array(self): return self.a[:self.n] if self.n <= self.cap else np.roll(self.a, -(self.n % self.cap), 0)
 
 # %% ../../nbs/timing/01_batch_timer.ipynb #677df3d3
-class _BatchTimerHead(Callback):
+class _BatchTimerHead(TimerCallback):
     "Marks each event before every other callback, for its `BatchTimer`"
     order,name = -1000,'batch_timer_head'
     def __init__(self, timer): self.timer = timer
@@ -85,106 +85,8 @@ class _BatchTimerHead(Callback):
         if self.timer.learn is not self.learn: self.learn.remove_cb(self)  # its timer was removed
         else: self.timer._mark(event_name, False)
 
-# %% ../../nbs/timing/01_batch_timer.ipynb #c8d96bfc
-class _PrivateState:
-    "Mixin for callbacks: private attributes are set directly, so hot paths skip `Callback`'s check for shadowed Learner attributes"
-    def __setattr__(self, k, v):
-        if k.startswith('_'): object.__setattr__(self, k, v)
-        else: super().__setattr__(k, v)
-
-class BatchTimer(_PrivateState, Callback):
-    "Time every batch's phases (`PHASES`) on the host and, for a model on CUDA, on the device"
-    order = 1000
-    _stateattrs = ('_head', '_log', '_keys', '_ts', '_dkeys', '_evs', '_start', '_dstart', '_device')
-    def __init__(self,
-        warmup:int=2, # batches of each split and epoch left out of `summary` and `plot`'s distributions
-        max_rows:int=100_000, # raw rows kept (the newest); aggregates cover every batch
-        clock:str|Clock='auto', # 'auto' (device events when the model is on CUDA), 'host', 'cuda', or a `Clock` for the device times
-        wandb_every:float|None=0.5, # seconds between W&B logs when a run is active; `None` turns W&B logging off
-    ):
-        self.warmup,self.max_rows,self.clock = check_int('warmup', warmup, 0),check_int('max_rows', max_rows, 1),check_clock(clock)
-        if wandb_every is not None and not wandb_every > 0: raise ValueError(f"`wandb_every` must be > 0 seconds or None, got {wandb_every!r}")
-        self.wandb_every = wandb_every
-        self.rows,self.stats,self.n_runs,self.ranks = _Rows(self.max_rows),{},0,{}
-        self._init_state()
-
-    def _init_state(self):
-        self._head,self._log,self._device = _BatchTimerHead(self),None,None
-        self._keys,self._ts,self._dkeys,self._evs,self._start,self._dstart = None,None,None,None,None,None
-        self._last,self._skip,self._cur_split,self._trained = None,False,None,False
-
-# %% ../../nbs/timing/01_batch_timer.ipynb #753153f4
-@patch
-def _mark(self:BatchTimer, event, tail):
-    "Take a mark for `event`, before (`tail=False`) or after (`tail=True`) the other callbacks"
-    t = time.perf_counter_ns()
-    if self._skip: return
-    key = (event, tail)
-    if event in _BATCH_EVENTS:
-        if event == 'before_batch' and not tail:   # a batch starts where the last one (or the split) ended
-            self._keys,self._ts = ([k] for k in self._start) if self._start else ([], [])
-            self._dkeys,self._evs = ([k] for k in self._dstart) if self._dstart else ([], [])
-        if self._keys is None: return
-        self._keys.append(key); self._ts.append(t)
-        if self._device and key in _BOUNDARIES: self._dkeys.append(key); self._evs.append(self._device.mark())
-        if event == 'after_batch' and tail: self._end_batch()
-    elif tail and event in ('before_train', 'before_validate'):
-        self._start,self._dstart = (key, t),((key, self._device.mark()) if self._device else None)
-
-@patch
-def __call__(self:BatchTimer, event_name):
-    "Mark `event_name` after the other callbacks, then run this timer's own handler for it"
-    if event_name == self._last or self.learn is None: return  # the same timer added twice, or removed mid-event
-    self._last = event_name
-    self._mark(event_name, True)
-    handler = _HANDLERS.get(event_name)
-    if handler: handler(self)
-
-# %% ../../nbs/timing/01_batch_timer.ipynb #a8cd78ce
-@patch
-def _before_fit(self:BatchTimer):
-    self._skip = hasattr(self.learn, 'lr_finder')  # lr_find's mock training is not timed
-    if self._skip: return
-    if self._head not in self.learn.cbs: self.learn.add_cb(self._head)
-    self.n_runs += 1; self._trained = False; self._log = None
-    if rank_world()[1] > 1: fix_distributed_dl()
-    device = device_clock(self.clock, self.learn.model, self._device)
-    if self._device not in (None, device): self._device.drain(wait=True)   # the last run's device times, before its clock goes
-    self._device = device
-
-@patch
-def _before_train(self:BatchTimer):
-    if self._skip: return
-    self._cur_split,self._trained = 'train',True
-    if self._log is None and self.wandb_every is not None and getattr(sys.modules.get('wandb'), 'run', None) is not None and rank_world()[0] == 0:
-        from fastai_order.timing.wandb import TimingLog
-        self._log = TimingLog(self.learn, self.wandb_every)
-
-@patch
-def _before_validate(self:BatchTimer):
-    if self._skip: return
-    self._cur_split = 'valid' if self._trained else 'get_preds' if hasattr(self.learn, 'gather_preds') else 'validate'
-
-@patch
-def _after_epoch(self:BatchTimer):
-    if self._skip: return
-    self._resolve()
-    self._gather()
-    if self._log: self._log.log()
-
-@patch
-def _after_fit(self:BatchTimer):
-    self._keys = None
-    if self._skip: self._skip = False; return
-    self._resolve()
-    if self._log: self._log.finish(self.summary() if self.rows.n else None); self._log = None
-    if self.learn is not None and self._head in self.learn.cbs: self.learn.remove_cb(self._head)
-
-# %% ../../nbs/timing/01_batch_timer.ipynb #e74663ab
-_HANDLERS = {e: getattr(BatchTimer, f'_{e}') for e in ('before_fit', 'before_train', 'before_validate', 'after_epoch', 'after_fit')}
-
-# %% ../../nbs/timing/01_batch_timer.ipynb #b5eae79b
 def _outcome(keys, training):
+    "What happened to the weights in a batch whose marks are `keys`"
     events = {e for e,_ in keys}
     if 'after_cancel_batch' in events: return 'accumulate' if 'after_backward' in events else 'cancel'
     if not training: return 'eval'
@@ -193,59 +95,6 @@ def _outcome(keys, training):
 
 def _ns_list(d): return [d[p] for p in PHASES] + [sum(d.values())]
 
-@patch
-def _end_batch(self:BatchTimer):
-    keys,ts,dkeys,evs = self._keys,self._ts,self._dkeys,self._evs
-    self._keys,self._start = None,(keys[-1], ts[-1])
-    host = _ns_list(phase_times(keys, [b - a for a,b in zip(ts, ts[1:])]))
-    split,it,bs = self._cur_split,self.learn.iter,find_bs(self.learn.yb or self.learn.xb)
-    row = [self.n_runs, self.learn.epoch if split in ('train','valid') else 0, it, bs, SPLITS.index(split),
-           OUTCOMES.index(_outcome(keys, split == 'train'))] + host + [np.nan]*7
-    i = self.rows.append(row)
-    self._add('host', split, it, bs, host)
-    if self._device:
-        self._dstart = dkeys[-1], evs[-1]   # the next batch starts on this event: it is reused once that batch is read
-        self._device.later(evs, partial(self._device_times, i, split, it, bs, dkeys), reuse=evs[:-1])
-    if self._log: self._log.maybe_log()
-
-@patch
-def _device_times(self:BatchTimer, i, split, it, bs, keys, durations):
-    "Store the device times of row `i`, once its events have completed"
-    dev = _ns_list(phase_times(keys, durations))
-    self.rows.set(i, _DEVICE, dev)
-    self._add('device', split, it, bs, dev)
-
-@patch
-def _add(self:BatchTimer, clock, split, it, bs, ns):
-    "Add a batch's times on `clock` to the running aggregates and the W&B window"
-    if it >= self.warmup: _stats(self.stats, (clock, split)).add(ns, bs)
-    if self._log and split in ('train', 'valid'): self._log.add(split, ns, bs, prefix='device_' if clock == 'device' else '')
-
-@patch
-def _resolve(self:BatchTimer, wait=False):
-    "Fill in the device times of finished batches whose events have completed (all of them, waiting once, if `wait`)"
-    if self._device: self._device.drain(wait)
-
-@patch
-def _gather(self:BatchTimer):
-    "With several ranks, every rank's aggregates by rank (count, samples, sums, sums of squares per clock and split); on every rank at each epoch's end"
-    if rank_world()[1] > 1: self.ranks = dict(enumerate(gather_ranks({k: (s.n, s.bs, s.s, s.s2) for k, s in self.stats.items()})))
-
-# %% ../../nbs/timing/01_batch_timer.ipynb #ac857297
-@patch(as_prop=True)
-def df(self:BatchTimer):
-    "One row per recorded batch (the newest `max_rows`); waits for device times still in flight"
-    self._resolve(wait=True)
-    df = pd.DataFrame(self.rows.array(), columns=_COLS)
-    for c in ('run', 'epoch', 'iter', 'bs'): df[c] = df[c].astype(int)
-    df['split'] = pd.Categorical.from_codes(df.split.astype(int), SPLITS)
-    df['outcome'] = pd.Categorical.from_codes(df.outcome.astype(int), OUTCOMES)
-    t = [c for c in _COLS if c.endswith('_ms')]
-    df[t] = df[t] / 1e6
-    df['samples_per_s'] = df.bs / df.total_ms * 1e3
-    return df.drop(columns=[c for c in t if c.startswith('device_') and df[c].isna().all()])
-
-# %% ../../nbs/timing/01_batch_timer.ipynb #16ac9cf0
 def _with_ranks(res, ranks, clock):
     "`res` with `rank_columns` per split and phase, and the samples/s of every rank together"
     j = {p: i for i, p in enumerate([*PHASES, 'total'])}
@@ -265,88 +114,223 @@ def _summary_rows(split, n, s, s2, q, bs):
     rows['samples_per_s'] = np.where(rows.phase == 'total', bs / (s[-1]/1e9), np.nan)
     return rows
 
-@patch
-def _clock(self:BatchTimer, clock):
-    "The clock `clock` names: 'auto' is 'device' when device times were recorded, else 'host'"
-    check_choice('clock', clock, ('auto', 'host', 'device'))
-    self._resolve(wait=True)
-    if clock != 'auto': return clock
-    return 'device' if not np.isnan(self.rows.array()[:, _DEVICE.stop-1]).all() or any(k[0] == 'device' for k in self.stats) else 'host'
+# %% ../../nbs/timing/01_batch_timer.ipynb #c8d96bfc
+class BatchTimer(TimerCallback):
+    "Time every batch's phases (`PHASES`) on the host and, for a model on CUDA, on the device"
+    order = 1000
+    _stateattrs = ('_host', '_now', '_head', '_log', '_keys', '_ts', '_dkeys', '_evs', '_start', '_dstart', '_device')
+    _own_events = frozenset({'before_fit', 'before_train', 'before_validate', 'after_batch', 'after_epoch', 'after_fit'})  # its event methods
+    def __init__(self,
+        warmup:int=2, # batches of each split and epoch left out of `summary` and `plot`'s distributions
+        max_rows:int=100_000, # raw rows kept (the newest); aggregates cover every batch
+        clock:str|Clock='auto', # for the device times: 'auto' (device events when the model is on CUDA), 'host' (none), 'device', or a `Clock`
+        wandb_every:float|None=0.5, # seconds between W&B logs when a run is active; `None` turns W&B logging off
+    ):
+        self.warmup,self.max_rows,self.clock = check_int('warmup', warmup, 0),check_int('max_rows', max_rows, 1),check_clock(clock)
+        if check_number('wandb_every', wandb_every, none_ok=True) == 0: raise ValueError(f"`wandb_every` must be > 0 seconds or None, got {wandb_every!r}")
+        self.wandb_every = wandb_every
+        self.rows,self.stats,self.n_runs,self.ranks = _Rows(self.max_rows),{},0,{}
+        self._init_state()
 
-@patch
-def summary(self:BatchTimer,
-    warmup:int|None=None, # batches left out per split and epoch; `None`: the timer's `warmup`
-    clock:str='auto', # 'device', 'host', or 'auto': device times when there are any (a model on CUDA), else host times
-    phases:list|None=None, # phases to show (`PHASES` and 'total'); `None`: all
-):
-    "Per split and phase: n, mean, std, p50, p90, p99 (ms), total (s), % of the batch total, and samples/s; `.attrs['clock']` names the clock"
-    warmup = self.warmup if warmup is None else check_int('warmup', warmup, 0)
-    phases = [check_choice('phase', p, PHASES + ('total',)) for p in phases] if phases is not None else list(PHASES) + ['total']
-    clock = self._clock(clock)
-    parts = []
-    if not self.rows.dropped:
-        a = self.rows.array()
-        cols = _HOST if clock == 'host' else _DEVICE
-        for code,split in enumerate(SPLITS):
-            r = a[(a[:, 4] == code) & (a[:, 2] >= warmup) & ~np.isnan(a[:, cols][:, -1])]
-            if len(r): parts.append(_summary_rows(split, len(r), r[:, cols].sum(0), (r[:, cols]**2).sum(0),
-                                                  np.percentile(r[:, cols], [50, 90, 99], axis=0), r[:, 3].sum()))
-    else:
-        if warmup != self.warmup: raise ValueError(
-            f"{self.rows.dropped} rows were dropped (max_rows={self.max_rows}), so the summary comes from aggregates "
-            f"that leave out warmup={self.warmup} batches; warmup={warmup} is not available")
-        for split in SPLITS:
-            st = self.stats.get((clock, split))
-            if st: parts.append(_summary_rows(split, st.n, np.array(st.s), np.array(st.s2), [st.quantile(q) for q in (.5, .9, .99)], st.bs))
-    if not parts: raise ValueError(f"BatchTimer has no {clock} times after warmup={warmup}: fit, validate or get_preds first")
-    res = pd.concat(parts).set_index(['split', 'phase'])
-    res = res[res.index.get_level_values('phase').isin(phases)]
-    if len(self.ranks) > 1 and warmup == self.warmup: res = _with_ranks(res, self.ranks, clock)
-    res.attrs['clock'] = clock
-    return res
+    def _init_state(self):
+        self._host,self._head,self._log,self._device = HostClock(),_BatchTimerHead(self),None,None
+        self._now = self._host.mark   # looked up once: `perf_counter_ns` itself
+        self._keys,self._ts,self._dkeys,self._evs,self._start,self._dstart = None,None,None,None,None,None
+        self._last,self._skip,self._cur_split,self._trained = None,False,None,False
 
-# %% ../../nbs/timing/01_batch_timer.ipynb #bdbd2fba
-PHASE_COLORS = dict(data='#4c72b0', forward='#55a868', loss='#c44e52', backward='#8172b2', step='#ccb974', other='#8c8c8c')
+    @classmethod
+    def own_classes(cls) -> tuple:
+        "The `Callback` classes whose calls are the timer's own cost: the timer and the head that marks events before the other callbacks"
+        return (cls, _BatchTimerHead)
 
-@patch
-def plot(self:BatchTimer,
-    splits:list|None=None, # splits to draw; `None`: every recorded split
-    clock:str='auto', # 'device', 'host', or 'auto': device times when there are any (a model on CUDA), else host times
-    warmup:int|None=None, # batches shaded and left out of the distributions; `None`: the timer's `warmup`
-    figsize=None):
-    "Per split: stacked per-batch phase times, and each phase's distribution after warm-up; the titles name the clock"
-    import matplotlib.pyplot as plt
-    warmup = self.warmup if warmup is None else check_int('warmup', warmup, 0)
-    clock = self._clock(clock)
-    if not self.rows.n: raise ValueError("BatchTimer has no batches to plot: fit, validate or get_preds first")
-    df,pre = self.df,('device_' if clock == 'device' else '')
-    if f'{pre}total_ms' not in df: raise ValueError(f"BatchTimer has no {clock} times (device times need a model on CUDA)")
-    have = [s for s in SPLITS if (df.split == s).any()]
-    splits = have if splits is None else [check_choice('split', s, have) for s in splits]
-    fig,axs = plt.subplots(len(splits), 2, figsize=figsize or (12, 3.2*len(splits)), squeeze=False,
-                           gridspec_kw=dict(width_ratios=[3, 1]))
-    for (tl,dist),split in zip(axs, splits):
-        d = df[df.split == split].reset_index(drop=True)
-        tl.stackplot(d.index, *[d[f'{pre}{p}_ms'] for p in PHASES], labels=PHASES, colors=[PHASE_COLORS[p] for p in PHASES], step='mid')
-        for i in d.index[(d.epoch.diff() != 0) & (d.index > 0)]: tl.axvline(i - .5, color='k', ls='--', lw=.8)
-        for i in d.index[d.iter < warmup]: tl.axvspan(i - .5, i + .5, color='k', alpha=.08, lw=0)
-        tl.set(title=f'{split}: time per batch ({clock})', xlabel='batch', ylabel='ms', xlim=(-.5, len(d) - .5))
-        kept = d[d.iter >= warmup]
-        used = [p for p in PHASES if (kept[f'{pre}{p}_ms'] > 0).any()]  # e.g. no backward or step in valid
-        if used:
-            dist.boxplot([kept[f'{pre}{p}_ms'].clip(lower=1e-4) for p in used], orientation='horizontal', tick_labels=used)
-            dist.set(xscale='log', xlabel='ms (log)')
-        else: dist.text(.5, .5, 'no batches after warm-up', ha='center', va='center', transform=dist.transAxes)
-        dist.set_title(f'{split}: after {warmup} warm-up batches')
-    axs[0, 0].legend(loc='upper right', ncol=len(PHASES), fontsize='small')
-    fig.tight_layout()
-    return fig
+    # the hot path: two marks at every event, before (the head) and after (here) the other callbacks
+    def __call__(self, event_name):
+        "Mark `event_name` after the other callbacks, then run this timer's method for it, if it has one (`_own_events`)"
+        if event_name == self._last or self.learn is None: return  # the same timer added twice, or removed mid-event
+        self._last = event_name
+        self._mark(event_name, True)
+        if event_name in self._own_events: getattr(self, event_name)()
 
-# %% ../../nbs/timing/01_batch_timer.ipynb #d59d6dc6
-@patch
-def to_csv(self:BatchTimer, path, overwrite:bool=False):
-    "Write `df` to `path` (refusing to replace an existing file unless `overwrite`); returns the path"
-    path = Path(path)
-    if path.exists() and not overwrite: raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    self.df.to_csv(path, index=False)
-    return path
+    def _mark(self, event, tail):
+        "Take a mark for `event`, before (`tail=False`) or after (`tail=True`) the other callbacks"
+        t = self._now()
+        if self._skip: return
+        key = (event, tail)
+        if event in _BATCH_EVENTS:
+            if event == 'before_batch' and not tail:   # a batch starts where the last one (or the split) ended
+                self._keys,self._ts = ([k] for k in self._start) if self._start else ([], [])
+                self._dkeys,self._evs = ([k] for k in self._dstart) if self._dstart else ([], [])
+            if self._keys is None: return
+            self._keys.append(key); self._ts.append(t)
+            if self._device and key in _BOUNDARIES: self._dkeys.append(key); self._evs.append(self._device.mark())
+        elif tail and event in ('before_train', 'before_validate'):
+            self._start,self._dstart = (key, t),((key, self._device.mark()) if self._device else None)
+
+    # fastai's events: each run (a `fit`, `validate` or `get_preds`) is set up and torn down; each batch becomes a row
+    def before_fit(self):
+        self._skip = hasattr(self.learn, 'lr_finder')  # lr_find's mock training is not timed
+        if self._skip: return
+        if self._head not in self.learn.cbs: self.learn.add_cb(self._head)
+        self.n_runs += 1; self._trained = False; self._log = None
+        if rank_world()[1] > 1: fix_distributed_dl()
+        device = device_clock(self.clock, self.learn.model, self._device)
+        if self._device not in (None, device): self._device.drain(wait=True)   # the last run's device times, before its clock goes
+        self._device = device
+
+    def before_train(self):
+        if self._skip: return
+        self._cur_split,self._trained = 'train',True
+        if self._log is None and self.wandb_every is not None and getattr(sys.modules.get('wandb'), 'run', None) is not None and rank_world()[0] == 0:
+            from .wandb import TimingLog   # only with a W&B run active: the wandb module imports wandb
+            self._log = TimingLog(self.learn, [*PHASES, 'total'], self.wandb_every)
+
+    def before_validate(self):
+        if self._skip: return
+        self._cur_split = 'valid' if self._trained else 'get_preds' if hasattr(self.learn, 'gather_preds') else 'validate'
+
+    def after_batch(self):
+        "Turn the batch's marks into a row (its device times follow once its events have completed)"
+        if not self._keys: return   # not timed, or the timer came in mid-batch
+        keys,ts,dkeys,evs = self._keys,self._ts,self._dkeys,self._evs
+        self._keys,self._start = None,(keys[-1], ts[-1])
+        host = _ns_list(phase_times(keys, self._host.between(ts)))
+        split,it,bs = self._cur_split,self.learn.iter,find_bs(self.learn.yb or self.learn.xb)
+        row = [self.n_runs, self.learn.epoch if split in ('train','valid') else 0, it, bs, SPLITS.index(split),
+               OUTCOMES.index(_outcome(keys, split == 'train'))] + host + [np.nan]*7
+        i = self.rows.append(row)
+        self._add('host', split, it, bs, host)
+        if self._device:
+            self._dstart = dkeys[-1], evs[-1]   # the next batch starts on this event: it is reused once that batch is read
+            self._device.later(evs, partial(self._device_times, i, split, it, bs, dkeys), reuse=evs[:-1])
+        if self._log: self._log.maybe_log()
+
+    def after_epoch(self):
+        if self._skip: return
+        self._resolve()
+        self._gather()
+        if self._log: self._log.log()
+
+    def after_fit(self):
+        self._keys = None
+        if self._skip: self._skip = False; return
+        self._resolve()
+        if self._log: self._log.finish(self.summary() if self.rows.n else None); self._log = None
+        if self.learn is not None and self._head in self.learn.cbs: self.learn.remove_cb(self._head)
+
+    def _device_times(self, i, split, it, bs, keys, durations):
+        "Store the device times of row `i`, once its events have completed"
+        dev = _ns_list(phase_times(keys, durations))
+        self.rows.set(i, _DEVICE, dev)
+        self._add('device', split, it, bs, dev)
+
+    def _add(self, clock, split, it, bs, ns):
+        "Add a batch's times on `clock` to the running aggregates and the W&B window"
+        if it >= self.warmup: _stats(self.stats, (clock, split)).add(ns, bs)
+        if self._log and split in ('train', 'valid'): self._log.add(split, ns, bs, prefix='device_' if clock == 'device' else '')
+
+    def _resolve(self, wait=False):
+        "Fill in the device times of finished batches whose events have completed (all of them, waiting once, if `wait`)"
+        if self._device: self._device.drain(wait)
+
+    def _gather(self):
+        "With several ranks, every rank's aggregates by rank (count, samples, sums, sums of squares per clock and split); on every rank at each epoch's end"
+        if rank_world()[1] > 1: self.ranks = dict(enumerate(gather_ranks({k: (s.n, s.bs, s.s, s.s2) for k, s in self.stats.items()})))
+
+    # results
+    def phase_ns(self, clock:str) -> np.ndarray:
+        "Raw nanoseconds of the recorded batches (the newest `max_rows`) × `PHASES` and the total, on clock 'host' or 'device' (NaN where not measured); waits for device times in flight"
+        clock = check_choice('clock', check_clock(clock, instances=False), ('host', 'device'))
+        self._resolve(wait=True)
+        return self.rows.array()[:, _HOST if clock == 'host' else _DEVICE].copy()
+
+    @property
+    def df(self):
+        "One row per recorded batch (the newest `max_rows`); waits for device times still in flight"
+        self._resolve(wait=True)
+        df = pd.DataFrame(self.rows.array(), columns=_COLS)
+        for c in ('run', 'epoch', 'iter', 'bs'): df[c] = df[c].astype(int)
+        df['split'] = pd.Categorical.from_codes(df.split.astype(int), SPLITS)
+        df['outcome'] = pd.Categorical.from_codes(df.outcome.astype(int), OUTCOMES)
+        t = [c for c in _COLS if c.endswith('_ms')]
+        df[t] = df[t] / 1e6
+        df['samples_per_s'] = df.bs / df.total_ms * 1e3
+        return df.drop(columns=[c for c in t if c.startswith('device_') and df[c].isna().all()])
+
+    def _clock_of(self, clock):
+        "The clock `clock` names ('host' or 'device'): 'auto' is 'device' when device times were recorded, else 'host'"
+        clock = check_clock(clock, instances=False)
+        self._resolve(wait=True)
+        if clock != 'auto': return clock
+        return 'device' if not np.isnan(self.rows.array()[:, _DEVICE.stop-1]).all() or any(k[0] == 'device' for k in self.stats) else 'host'
+
+    def summary(self,
+        warmup:int|None=None, # batches left out per split and epoch; `None`: the timer's `warmup`
+        clock:str='auto', # 'device', 'host', or 'auto': device times when there are any (a model on CUDA), else host times
+        phases:list|None=None, # phases to show (`PHASES` and 'total'); `None`: all
+    ):
+        "Per split and phase: n, mean, std, p50, p90, p99 (ms), total (s), % of the batch total, and samples/s; `.attrs['clock']` names the clock"
+        warmup = self.warmup if warmup is None else check_int('warmup', warmup, 0)
+        phases = [check_choice('phase', p, PHASES + ('total',)) for p in phases] if phases is not None else list(PHASES) + ['total']
+        clock = self._clock_of(clock)
+        parts = []
+        if not self.rows.dropped:
+            a = self.rows.array()
+            cols = _HOST if clock == 'host' else _DEVICE
+            for code,split in enumerate(SPLITS):
+                r = a[(a[:, 4] == code) & (a[:, 2] >= warmup) & ~np.isnan(a[:, cols][:, -1])]
+                if len(r): parts.append(_summary_rows(split, len(r), r[:, cols].sum(0), (r[:, cols]**2).sum(0),
+                                                      np.percentile(r[:, cols], [50, 90, 99], axis=0), r[:, 3].sum()))
+        else:
+            if warmup != self.warmup: raise ValueError(
+                f"{self.rows.dropped} rows were dropped (max_rows={self.max_rows}), so the summary comes from aggregates "
+                f"that leave out warmup={self.warmup} batches; warmup={warmup} is not available")
+            for split in SPLITS:
+                st = self.stats.get((clock, split))
+                if st: parts.append(_summary_rows(split, st.n, np.array(st.s), np.array(st.s2), [st.quantile(q) for q in (.5, .9, .99)], st.bs))
+        if not parts: raise ValueError(f"BatchTimer has no {clock} times after warmup={warmup}: fit, validate or get_preds first")
+        res = pd.concat(parts).set_index(['split', 'phase'])
+        res = res[res.index.get_level_values('phase').isin(phases)]
+        if len(self.ranks) > 1 and warmup == self.warmup: res = _with_ranks(res, self.ranks, clock)
+        res.attrs['clock'] = clock
+        return res
+
+    def plot(self,
+        splits:list|None=None, # splits to draw; `None`: every recorded split
+        clock:str='auto', # 'device', 'host', or 'auto': device times when there are any (a model on CUDA), else host times
+        warmup:int|None=None, # batches shaded and left out of the distributions; `None`: the timer's `warmup`
+        figsize=None):
+        "Per split: stacked per-batch phase times, and each phase's distribution after warm-up; the titles name the clock"
+        import matplotlib.pyplot as plt
+        warmup = self.warmup if warmup is None else check_int('warmup', warmup, 0)
+        clock = self._clock_of(clock)
+        if not self.rows.n: raise ValueError("BatchTimer has no batches to plot: fit, validate or get_preds first")
+        df,pre = self.df,('device_' if clock == 'device' else '')
+        if f'{pre}total_ms' not in df: raise ValueError(f"BatchTimer has no {clock} times (device times need a model on CUDA)")
+        have = [s for s in SPLITS if (df.split == s).any()]
+        splits = have if splits is None else [check_choice('split', s, have) for s in splits]
+        fig,axs = plt.subplots(len(splits), 2, figsize=figsize or (12, 3.2*len(splits)), squeeze=False,
+                               gridspec_kw=dict(width_ratios=[3, 1]))
+        for (tl,dist),split in zip(axs, splits):
+            d = df[df.split == split].reset_index(drop=True)
+            tl.stackplot(d.index, *[d[f'{pre}{p}_ms'] for p in PHASES], labels=PHASES, colors=[PHASE_COLORS[p] for p in PHASES], step='mid')
+            for i in d.index[(d.epoch.diff() != 0) & (d.index > 0)]: tl.axvline(i - .5, color='k', ls='--', lw=.8)
+            for i in d.index[d.iter < warmup]: tl.axvspan(i - .5, i + .5, color='k', alpha=.08, lw=0)
+            tl.set(title=f'{split}: time per batch ({clock})', xlabel='batch', ylabel='ms', xlim=(-.5, len(d) - .5))
+            kept = d[d.iter >= warmup]
+            used = [p for p in PHASES if (kept[f'{pre}{p}_ms'] > 0).any()]  # e.g. no backward or step in valid
+            if used:
+                dist.boxplot([kept[f'{pre}{p}_ms'].clip(lower=1e-4) for p in used], orientation='horizontal', tick_labels=used)
+                dist.set(xscale='log', xlabel='ms (log)')
+            else: dist.text(.5, .5, 'no batches after warm-up', ha='center', va='center', transform=dist.transAxes)
+            dist.set_title(f'{split}: after {warmup} warm-up batches')
+        axs[0, 0].legend(loc='upper right', ncol=len(PHASES), fontsize='small')
+        fig.tight_layout()
+        return fig
+
+    def to_csv(self, path, overwrite:bool=False):
+        "Write `df` to `path` (refusing to replace an existing file unless `overwrite`), whole or not at all; returns the path"
+        path,overwrite = Path(path),check_bool('overwrite', overwrite)
+        if path.exists() and not overwrite: raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        df = self.df
+        with atomic_path(path) as tmp: df.to_csv(tmp, index=False)
+        return path

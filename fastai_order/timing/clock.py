@@ -10,9 +10,11 @@ import time
 from collections import deque
 from functools import partial
 import torch
+from fastai.callback.core import Callback
+from ..core.checks import check_choice
 
 # %% auto #0
-__all__ = ['CLOCKS', 'Clock', 'HostClock', 'CudaClock', 'check_clock', 'on_cuda', 'device_clock']
+__all__ = ['CLOCKS', 'Clock', 'HostClock', 'CudaClock', 'check_clock', 'on_cuda', 'device_clock', 'TimerCallback']
 
 # %% ../../nbs/timing/00_clock.ipynb #1c59369c
 class Clock:
@@ -69,12 +71,15 @@ class CudaClock(Clock):
         e.synchronize()
 
 # %% ../../nbs/timing/00_clock.ipynb #803b9bf5
-CLOCKS = ('auto', 'host', 'cuda')
+CLOCKS = ('auto', 'host', 'device')
+_SPELLINGS = {'cuda': 'device'}   # older spellings, with the same meaning
 
-def check_clock(clock):
-    "`clock` if it is one of `CLOCKS` or a `Clock`, else a `ValueError` naming it"
-    if isinstance(clock, Clock) or (isinstance(clock, str) and clock in CLOCKS): return clock
-    raise ValueError(f"`clock` must be 'auto' (device events when the model is on CUDA), 'host', 'cuda' or a `Clock`, got {clock!r}")
+def check_clock(clock, instances:bool=True):
+    "`clock` as a name in `CLOCKS` ('cuda' is 'device') or, with `instances`, a `Clock` as is; a `TypeError` or `ValueError` naming what is allowed otherwise"
+    if instances and isinstance(clock, Clock): return clock
+    if not isinstance(clock, str): raise TypeError(f"`clock` must be one of {', '.join(CLOCKS)}{' or a `Clock`' * instances}, got {clock!r}")
+    try: return check_choice('clock', _SPELLINGS.get(clock, clock), CLOCKS)
+    except ValueError as e: raise ValueError(f"{e}{', or a `Clock`' * instances} ('auto': device events when the model is on CUDA)") from None
 
 def on_cuda(model) -> bool:
     "Whether `model`'s first parameter is on a CUDA device"
@@ -82,9 +87,17 @@ def on_cuda(model) -> bool:
     return p is not None and p.is_cuda
 
 def device_clock(clock, model, current:Clock|None=None) -> Clock|None:
-    "The device clock `clock` asks for with `model`: a given `Clock`, a `CudaClock` (`current` if it is one) for 'cuda' or 'auto' with a CUDA model, else None"
-    if isinstance(check_clock(clock), Clock): return clock
-    if clock == 'cuda' or (clock == 'auto' and on_cuda(model)):
-        if not torch.cuda.is_available(): raise RuntimeError("clock='cuda' needs CUDA, which is not available here: use 'auto' or 'host'")
+    "The device clock `clock` asks for with `model`: a given `Clock`, a `CudaClock` (`current` if it is one) for 'device' or 'auto' with a CUDA model, else None"
+    clock = check_clock(clock)
+    if isinstance(clock, Clock): return clock
+    if clock == 'device' or (clock == 'auto' and on_cuda(model)):
+        if not torch.cuda.is_available(): raise RuntimeError(f"clock={clock!r} needs CUDA, which is not available here: use 'auto' or 'host'")
         return current if isinstance(current, CudaClock) else CudaClock()
     return None
+
+# %% ../../nbs/timing/00_clock.ipynb #2dee62c7
+class TimerCallback(Callback):
+    "Base of the timers: a `Callback` whose private attributes (`_…`) are set directly, so hot paths skip `Callback`'s check for shadowed `Learner` attributes"
+    def __setattr__(self, k, v):
+        if k.startswith('_'): object.__setattr__(self, k, v)
+        else: super().__setattr__(k, v)

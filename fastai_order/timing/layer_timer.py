@@ -6,78 +6,21 @@ Docs: https://fastai-order.github.io/fastai_order/timing/layer_timer.html.md"""
 
 # %% ../../nbs/timing/02_layer_timer.ipynb #7b0ce205
 from __future__ import annotations
-import pandas as pd, torch
-from fastcore.basics import patch
-from fastai.callback.core import Callback
-from ..model.ops import module_role, ROLES as OP_ROLES
 from functools import partial
-from .batch_timer import _PrivateState
-from .clock import Clock, HostClock, check_clock, device_clock
+import pandas as pd, torch
+from ..model.ops import module_role, ROLES
+from .clock import Clock, HostClock, TimerCallback, check_clock, device_clock
 from ..core.distributed import rank_world, gather_ranks, fix_distributed_dl, rank_columns, PARALLEL_WRAPPERS
 from ..core.checks import check_int, check_choice
 
 # %% auto #0
-__all__ = ['ROLES', 'LayerTimer']
+__all__ = ['LayerTimer']
 
 # %% ../../nbs/timing/02_layer_timer.ipynb #76bc2bc6
-ROLES = (*OP_ROLES, 'other')
-
 def _grad_node(out):
     "The autograd node that made `out` (the first tensor of a tuple), if any"
     if isinstance(out, (tuple, list)): out = next((o for o in out if isinstance(o, torch.Tensor)), None)
     return getattr(out, 'grad_fn', None)
-
-class LayerTimer(_PrivateState, Callback):
-    "Attribute forward and backward time to each leaf module of the model, by role and by path"
-    order = 999
-    _stateattrs = ('_handles', '_clock', '_on', '_t', '_spans', '_leaves')
-    def __init__(self,
-        warmup:int=2, # batches of each split and epoch not timed (allocations, caches)
-        clock:str|Clock='auto', # 'auto' (device events when the model is on CUDA), 'host', 'cuda', or a `Clock`
-        every:int|None=None, # time one batch in `every` after the warm-up; `None`: 1 on the host clock, 8 on a device clock
-    ):
-        self.warmup,self.clock,self.every = check_int('warmup', warmup, 0),check_clock(clock),check_int('every', every, none_ok=True)
-        self.paths,self.ns,self.batches,self.ranks = [],{},{},{}
-        self._init_state()
-
-    def _init_state(self): self._handles,self._clock,self._on,self._t,self._spans,self._every,self._leaves = [],None,False,{},[],1,[]
-
-    def _span(self, key, start):
-        "Time from mark `start` to now goes to `key` (split, module index or -1 for the whole model, direction)"
-        self._spans += [key, start, self._clock.mark()]
-
-# %% ../../nbs/timing/02_layer_timer.ipynb #479f8cb6
-@patch
-def _hook(self:LayerTimer, i, m):
-    "Attach the forward and backward timing hooks of leaf module `m`, number `i` in `paths`"
-    def pre(mod, inp):
-        if self._on: self._t[i] = self._clock.mark()
-    def post(mod, inp, out):
-        if i not in self._t: return
-        self._span((self._cur_split, i, 'forward'), self._t.pop(i))
-        node = _grad_node(out)
-        if node is None or (inp and out is inp[0]): return  # no graph, or an identity (its node is another module's)
-        start = []
-        node.register_prehook(lambda grads: start.append(self._clock.mark()) if self._on else None)
-        def done(gi, go):
-            if self._on and start: self._span((self._cur_split, i, 'backward'), start.pop())
-        node.register_hook(done)
-    self._handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-
-@patch
-def _add_hooks(self:LayerTimer):
-    model = self.learn.model
-    for i,(_,m) in enumerate(self._leaves): self._hook(i, m)
-    def whole(mod, inp):
-        if self._on: self._t['model'] = self._clock.mark()
-    def whole_done(mod, inp, out):
-        if 'model' in self._t: self._span((self._cur_split, -1, 'forward'), self._t.pop('model'))
-    self._handles += [model.register_forward_pre_hook(whole), model.register_forward_hook(whole_done)]
-
-@patch
-def _remove_hooks(self:LayerTimer):
-    for h in self._handles: h.remove()
-    self._handles = []
 
 def _timed_modules(model):
     "(path, module) of each leaf module of `model`, a norm+act module (its activation inside) counting as one"
@@ -88,70 +31,9 @@ def _timed_modules(model):
         if inside == f'{n}.' or not any(m.children()): res.append((n, m))
     return res
 
-@patch
-def before_fit(self:LayerTimer):
-    self._remove_hooks(); self._init_state()
-    model = self.learn.model
-    self._clock = device_clock(self.clock, model) or HostClock()
-    self._every = self.every or (1 if isinstance(self._clock, HostClock) else 8)
-    if rank_world()[1] > 1: fix_distributed_dl()
-    self._leaves = _timed_modules(model.module if isinstance(model, PARALLEL_WRAPPERS) else model)   # paths as in the model itself
-    self.paths = [(n, module_role(m) or 'other', type(m).__name__) for n,m in self._leaves]
-
-@patch
-def before_batch(self:LayerTimer):
-    self._on,self._cur_split = self.iter >= self.warmup and (self.iter - self.warmup) % self._every == 0,('train' if self.training else 'valid')
-    if not self._on: return
-    self.batches[self._cur_split] = self.batches.get(self._cur_split, 0) + 1
-    if not self._handles: self._add_hooks()
-
-@patch
-def before_backward(self:LayerTimer):
-    if self._on: self._t['backward'] = self._clock.mark()
-@patch
-def after_backward(self:LayerTimer):
-    if 'backward' in self._t: self._span((self._cur_split, -1, 'backward'), self._t.pop('backward'))
-
-@patch
-def after_batch(self:LayerTimer):
-    if self._spans:
-        spans = self._spans
-        self._clock.later([m for j in range(0, len(spans), 3) for m in spans[j+1:j+3]], partial(self._store, spans[0::3]), pairs=True)
-    self._on,self._t,self._spans = False,{},[]
-    if self._every > 1: self._remove_hooks()   # batches that are not timed run without hooks
-
-@patch
-def _store(self:LayerTimer, keys, durations):
-    for k,d in zip(keys, durations): self.ns[k] = self.ns.get(k, 0) + d
-
-@patch
-def after_epoch(self:LayerTimer):
-    "With several ranks, every rank's times and batch counts, by rank (gathered on every rank: no device synchronization)"
-    if rank_world()[1] == 1: return
-    self._resolve()
-    self.ranks = dict(enumerate(gather_ranks((self.ns, self.batches))))
-
-@patch
-def after_fit(self:LayerTimer): self._on = False; self._remove_hooks(); self._resolve()
-
-@patch
-def _resolve(self:LayerTimer, wait=False):
-    "Add up the times whose marks have completed (all of them, waiting once, if `wait`)"
-    if self._clock: self._clock.drain(wait)
-
-# %% ../../nbs/timing/02_layer_timer.ipynb #bc304998
-@patch(as_prop=True)
-def df(self:LayerTimer):
-    "One row per leaf module and split: path, role, class, forward and backward ms per batch"
-    self._resolve(wait=True)
-    rows = [dict(split=s, path=p, role=r, module=c,
-                 forward_ms=self.ns.get((s, i, 'forward'), 0)/1e6/n, backward_ms=self.ns.get((s, i, 'backward'), 0)/1e6/n)
-            for s,n in self.batches.items() for i,(p,r,c) in enumerate(self.paths)]
-    return pd.DataFrame(rows, columns=['split', 'path', 'role', 'module', 'forward_ms', 'backward_ms'])
-
 def _by_role(ns, n, paths, split):
     "Forward, backward and total ms per batch by role from the nanoseconds `ns` of `n` timed batches of `split`"
-    res = pd.DataFrame(0., index=pd.Index(ROLES, name='role'), columns=['forward_ms', 'backward_ms'])
+    res = pd.DataFrame(0., index=pd.Index(LayerTimer.roles, name='role'), columns=['forward_ms', 'backward_ms'])
     for i,(_,role,_) in enumerate(paths):
         for d in ('forward', 'backward'): res.loc[role, f'{d}_ms'] += ns.get((split, i, d), 0)/1e6/n
     for d in ('forward', 'backward'):   # what no leaf module accounts for
@@ -159,24 +41,126 @@ def _by_role(ns, n, paths, split):
     res['total_ms'] = res.forward_ms + res.backward_ms
     return res
 
-@patch
-def summary(self:LayerTimer, split:str='train'):
-    "Forward and backward ms per batch by role (`ROLES`) for `split`, each role's % of the model's total; with several ranks, each rank's total ms, their mean and the slowest"
-    check_choice('split', split, list(self.batches) or ['train', 'valid'])
-    self._resolve(wait=True)
-    res = _by_role(self.ns, self.batches[split], self.paths, split)
-    res['pct'] = 100 * res.total_ms / res.total_ms.sum()
-    if len(self.ranks) < 2: return res
-    means = pd.DataFrame({r: _by_role(ns, b[split], self.paths, split).total_ms for r,(ns, b) in sorted(self.ranks.items()) if b.get(split)})
-    return res.join(rank_columns(means))
+# %% ../../nbs/timing/02_layer_timer.ipynb #5e1a7c3d
+class LayerTimer(TimerCallback):
+    "Attribute forward and backward time to each leaf module of the model, by role and by path"
+    order = 999
+    roles = (*ROLES, 'other')   # the op registry's roles, and what no leaf module accounts for
+    _stateattrs = ('_handles', '_clock', '_on', '_t', '_spans', '_leaves')
+    def __init__(self,
+        warmup:int=2, # batches of each split and epoch not timed (allocations, caches)
+        clock:str|Clock='auto', # 'auto' (device events when the model is on CUDA), 'host', 'device', or a `Clock`
+        every:int|None=None, # time one batch in `every` after the warm-up; `None`: 1 on the host clock, 8 on a device clock
+    ):
+        self.warmup,self.clock,self.every = check_int('warmup', warmup, 0),check_clock(clock),check_int('every', every, none_ok=True)
+        self.paths,self.ns,self.batches,self.ranks = [],{},{},{}
+        self._init_state()
 
-# %% ../../nbs/timing/02_layer_timer.ipynb #e37a5211
-@patch
-def plot(self:LayerTimer, split:str='train', ax=None):
-    "Horizontal bars of forward and backward ms per batch by role"
-    import matplotlib.pyplot as plt
-    s = self.summary(split)
-    ax = ax or plt.subplots(figsize=(7, 3))[1]
-    s[['forward_ms', 'backward_ms']].iloc[::-1].plot.barh(stacked=True, ax=ax, color=['#55a868', '#8172b2'])
-    ax.set(xlabel='ms per batch', ylabel='', title=f'{split}: time by op')
-    return ax
+    def _init_state(self): self._handles,self._clock,self._on,self._t,self._spans,self._every,self._leaves = [],None,False,{},[],1,[]
+
+    # fastai's events: hooks on the batches that are timed, and every mark read once complete
+    def before_fit(self):
+        self._remove_hooks(); self._init_state()
+        model = self.learn.model
+        self._clock = device_clock(self.clock, model) or HostClock()
+        self._every = self.every or (1 if isinstance(self._clock, HostClock) else 8)
+        if rank_world()[1] > 1: fix_distributed_dl()
+        self._leaves = _timed_modules(model.module if isinstance(model, PARALLEL_WRAPPERS) else model)   # paths as in the model itself
+        self.paths = [(n, module_role(m) or 'other', type(m).__name__) for n,m in self._leaves]
+
+    def before_batch(self):
+        self._on,self._cur_split = self.iter >= self.warmup and (self.iter - self.warmup) % self._every == 0,('train' if self.training else 'valid')
+        if not self._on: return
+        self.batches[self._cur_split] = self.batches.get(self._cur_split, 0) + 1
+        if not self._handles: self._add_hooks()
+
+    def before_backward(self):
+        if self._on: self._t['backward'] = self._clock.mark()
+
+    def after_backward(self):
+        if 'backward' in self._t: self._span((self._cur_split, -1, 'backward'), self._t.pop('backward'))
+
+    def after_batch(self):
+        if self._spans:
+            spans = self._spans
+            self._clock.later([m for j in range(0, len(spans), 3) for m in spans[j+1:j+3]], partial(self._store, spans[0::3]), pairs=True)
+        self._on,self._t,self._spans = False,{},[]
+        if self._every > 1: self._remove_hooks()   # batches that are not timed run without hooks
+
+    def after_epoch(self):
+        "With several ranks, every rank's times and batch counts, by rank (gathered on every rank: no device synchronization)"
+        if rank_world()[1] == 1: return
+        self._resolve()
+        self.ranks = dict(enumerate(gather_ranks((self.ns, self.batches))))
+
+    def after_fit(self): self._on = False; self._remove_hooks(); self._resolve()
+
+    # the hooks
+    def _hook(self, i, m):
+        "Attach the forward and backward timing hooks of leaf module `m`, number `i` in `paths`"
+        def pre(mod, inp):
+            if self._on: self._t[i] = self._clock.mark()
+        def post(mod, inp, out):
+            if i not in self._t: return
+            self._span((self._cur_split, i, 'forward'), self._t.pop(i))
+            node = _grad_node(out)
+            if node is None or (inp and out is inp[0]): return  # no graph, or an identity (its node is another module's)
+            start = []
+            node.register_prehook(lambda grads: start.append(self._clock.mark()) if self._on else None)
+            def done(gi, go):
+                if self._on and start: self._span((self._cur_split, i, 'backward'), start.pop())
+            node.register_hook(done)
+        self._handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+
+    def _add_hooks(self):
+        model = self.learn.model
+        for i,(_,m) in enumerate(self._leaves): self._hook(i, m)
+        def whole(mod, inp):
+            if self._on: self._t['model'] = self._clock.mark()
+        def whole_done(mod, inp, out):
+            if 'model' in self._t: self._span((self._cur_split, -1, 'forward'), self._t.pop('model'))
+        self._handles += [model.register_forward_pre_hook(whole), model.register_forward_hook(whole_done)]
+
+    def _remove_hooks(self):
+        for h in self._handles: h.remove()
+        self._handles = []
+
+    def _span(self, key, start):
+        "Time from mark `start` to now goes to `key` (split, module index or -1 for the whole model, direction)"
+        self._spans += [key, start, self._clock.mark()]
+
+    def _store(self, keys, durations):
+        for k,d in zip(keys, durations): self.ns[k] = self.ns.get(k, 0) + d
+
+    def _resolve(self, wait=False):
+        "Add up the times whose marks have completed (all of them, waiting once, if `wait`)"
+        if self._clock: self._clock.drain(wait)
+
+    # results
+    @property
+    def df(self):
+        "One row per leaf module and split: path, role, class, forward and backward ms per batch"
+        self._resolve(wait=True)
+        rows = [dict(split=s, path=p, role=r, module=c,
+                     forward_ms=self.ns.get((s, i, 'forward'), 0)/1e6/n, backward_ms=self.ns.get((s, i, 'backward'), 0)/1e6/n)
+                for s,n in self.batches.items() for i,(p,r,c) in enumerate(self.paths)]
+        return pd.DataFrame(rows, columns=['split', 'path', 'role', 'module', 'forward_ms', 'backward_ms'])
+
+    def summary(self, split:str='train'):
+        "Forward and backward ms per batch by role (`roles`) for `split`, each role's % of the model's total; with several ranks, each rank's total ms, their mean and the slowest"
+        check_choice('split', split, list(self.batches) or ['train', 'valid'])
+        self._resolve(wait=True)
+        res = _by_role(self.ns, self.batches[split], self.paths, split)
+        res['pct'] = 100 * res.total_ms / res.total_ms.sum()
+        if len(self.ranks) < 2: return res
+        means = pd.DataFrame({r: _by_role(ns, b[split], self.paths, split).total_ms for r,(ns, b) in sorted(self.ranks.items()) if b.get(split)})
+        return res.join(rank_columns(means))
+
+    def plot(self, split:str='train', ax=None):
+        "Horizontal bars of forward and backward ms per batch by role"
+        import matplotlib.pyplot as plt
+        s = self.summary(split)
+        ax = ax or plt.subplots(figsize=(7, 3))[1]
+        s[['forward_ms', 'backward_ms']].iloc[::-1].plot.barh(stacked=True, ax=ax, color=['#55a868', '#8172b2'])
+        ax.set(xlabel='ms per batch', ylabel='', title=f'{split}: time by op')
+        return ax

@@ -13,7 +13,6 @@ from fastcore.basics import init_args
 from fastcore.foundation import L
 from fastai.learner import Learner
 from fastai.callback.core import Callback
-from .batch_timer import PHASES
 try:
     import wandb
     import fastai.callback.wandb as fastai_wandb
@@ -92,15 +91,15 @@ def check_wandb_login():
 
 # %% ../../nbs/timing/03_wandb.ipynb #e964e0ec
 class TimingLog:
-    "Log `BatchTimer` rows to the active W&B run as window means, every `every` seconds"
-    def __init__(self, learn, every=0.5):
-        self.learn,self.every,self.sums,self.batches,self.last = learn,every,{},0,time.monotonic()
+    "Log a timer's per-batch times, named `names` (the last is the batch total), to the active W&B run as window means, every `every` seconds"
+    def __init__(self, learn, names, every=0.5):
+        self.learn,self.names,self.every,self.sums,self.batches,self.last = learn,list(names),every,{},0,time.monotonic()
         wandb.define_metric('timing/batch')
         wandb.define_metric('timing/*', step_metric='timing/batch')
 
     def add(self, split, ns, bs, prefix=''):
-        "Add one batch's times in nanoseconds (`PHASES` then total) to the window"
-        for k,v in zip([*PHASES, 'total'], ns):
+        "Add one batch's times in nanoseconds (one per name; the last is the total) to the window"
+        for k,v in zip(self.names, ns):
             s = self.sums.setdefault(f'timing/{split}/{prefix}{k}_ms', [0., 0])
             s[0] += v/1e6; s[1] += 1
         s = self.sums.setdefault(f'timing/{split}/{prefix}samples_per_s', [0., 0.])
