@@ -148,7 +148,7 @@ def test_a_data_parallel_comparison_survives_a_dead_rank_and_resumes(tiny_data, 
     dead = subprocess.run(cmd, env={**os.environ, 'DIE_AT': '3'}, capture_output=True, text=True, timeout=600)
     assert dead.returncode != 0 and 'exitcode  : 3' in dead.stderr
     runs = sorted((out/'runs').glob('*.json'))
-    assert len(runs) == 2 and not list((out/'runs').glob('*.tmp'))   # the two finished runs, whole
+    assert len(runs) == 2 and not list((out/'runs').glob('*.tmp*'))   # the two finished runs, whole
     stamps = {f: f.stat().st_mtime_ns for f in runs}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

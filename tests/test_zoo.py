@@ -3,7 +3,7 @@ import copy, inspect
 import pandas as pd, pytest, torch
 import fastai_order.tools.zoo as fz
 from fastai_order.tools.zoo import zoo_sweep, zoo_cli, run_isolated, COLUMNS
-from fastai_order.tools.zoo_row import SUBSET, zoo_model, calibrate_bn, output_errors
+from fastai_order.tools.zoo_row import SUBSET, zoo_model, calibrate_bn, model_errors
 from fastai_order.tools.zoo_summary import zoo_summary
 from fastai_order.rewrite.optimize import optimize_order
 from fastai_order.rewrite.proof import rounding_sensitivity, ROUNDING_MARGIN
@@ -68,7 +68,7 @@ def test_a_wrong_model_is_out_of_those_bounds():
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(1))
     wrong = copy.deepcopy(model)
     swap_order(wrong, 'bn_after')
-    e = output_errors(model, wrong, x)
+    e = model_errors(model, wrong, x)
     noise = rounding_sensitivity(copy.deepcopy(model).double(), x.double())[0]
     row = pd.DataFrame([dict(e, sweep_error=e['f64_error'], float64_noise=noise)])
     assert not within_rounding(row).any(), row

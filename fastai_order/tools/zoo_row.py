@@ -21,7 +21,7 @@ from ..model.ops import module_role, function_act, norm_act_norm, norm_act_forwa
 from ..core.checks import check_choice, did_you_mean
 
 # %% auto #0
-__all__ = ['TIMM_MODELS', 'SUBSET', 'SOURCES', 'zoo_models', 'zoo_model', 'calibrate_bn', 'output_errors', 'float64_rewrite',
+__all__ = ['TIMM_MODELS', 'SUBSET', 'SOURCES', 'zoo_models', 'zoo_model', 'calibrate_bn', 'model_errors', 'float64_rewrite',
            'is_wrong', 'bn_calls', 'chain_convs', 'swap_coverage', 'zoo_row']
 
 # %% ../../nbs/tools/01_zoo_row.ipynb #93784c5c
@@ -197,7 +197,7 @@ def _rel(a, b) -> float: return ((a - b).abs().max() / b.abs().max().clamp_min(1
 
 def _f64(model): return copy.deepcopy(model).to(torch.float64)
 
-def output_errors(model, new, x, mode:str='eval') -> dict:
+def model_errors(model, new, x, mode:str='eval') -> dict:
     "Max |Δ output| / max |output| on `x` against a float64 copy of `model`: of `new` (`optimize_order`'s result) and `model` as they are, and of a float64 copy of `new`"
     ref = _outputs(_f64(model), x, mode)
     return dict(fp32_error=_rel(_outputs(new, x, mode), ref), fp32_error_original=_rel(_outputs(model, x, mode), ref),
@@ -323,7 +323,7 @@ def zoo_row(
             note(outcome='optimized' if groups else 'unchanged', groups=groups, optimizer_error=report.error,
                  layout_applied=report.channels_last, bn_optimized=bn_calls(new))
             phase('check')
-            errors = output_errors(model, new, x2, mode)
+            errors = model_errors(model, new, x2, mode)
             f64 = errors.pop('f64_error')
             note(**errors, **({} if groups else dict(sweep_error=f64, groups64=0)))   # nothing rewritten: the float64 copies are the proof
         fused = None
