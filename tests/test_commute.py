@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 from fastai_order.model.ops import ACTIVATIONS, _resolve
 from fastai_order.model.ops import op_names
-from fastai_order.rewrite.commute import NAMES, MODES, commutes, equivalent_orders
+from fastai_order.model.ops import NAMES
+from fastai_order.rewrite.commute import MODES, commutes, equivalent_orders
 from fastai_order.model.order import LayerOrder
 
 def _names(order, pool, drop): return op_names(LayerOrder(order), pool, drop)

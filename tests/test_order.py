@@ -1,6 +1,7 @@
 import pytest
 from hypothesis import given, strategies as st
-from fastai_order.model.order import LayerOrder, OPS, PRESETS, list_presets
+from fastai_order.model.ops import OPS
+from fastai_order.model.order import LayerOrder, PRESETS, list_presets
 
 orders = st.lists(st.sampled_from(OPS[1:]), unique=True).flatmap(
     lambda rest: st.permutations(['conv', *rest])).map(LayerOrder)

@@ -128,7 +128,7 @@ def test_learner_swap_keeps_optimizer_state(tmp_path):
 
 
 from hypothesis import given, settings, strategies as st
-from fastai_order.model.order import OPS
+from fastai_order.model.ops import OPS
 
 any_order = st.lists(st.sampled_from(OPS[1:]), unique=True).flatmap(
     lambda rest: st.permutations(['conv', *rest])).map(LayerOrder)

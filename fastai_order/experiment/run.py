@@ -15,7 +15,7 @@ from fastai.data.load import DataLoader
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.metrics import accuracy
-import fastai.callback.schedule, fastai.callback.channelslast, fastai.callback.fp16, fastai.callback.progress  # fit_one_cycle, to_channelslast, to_fp16, no_bar
+import fastai.callback.schedule, fastai.callback.progress  # fit_one_cycle, no_bar
 from ..model.order import LayerOrder
 from ..model.layers import OrderedConvLayer, ordered_cnn, ordered_xresnet, XRESNET_ARCHS
 from .data import check_data, get_dls

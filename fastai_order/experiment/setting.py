@@ -11,11 +11,12 @@ import torch
 from torch import nn
 from fastai.torch_core import default_device
 from fastai.learner import Learner
+from fastai.callback.core import Callback
 import fastai.callback.channelslast, fastai.callback.fp16  # Learner.to_channelslast, to_bf16, to_fp16
 from ..core.checks import check_choice, check_bool
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'BACKENDS', 'Setting']
+__all__ = ['PRECISIONS', 'BACKENDS', 'Setting', 'Autocast']
 
 # %% ../../nbs/experiment/00_setting.ipynb #89145018
 PRECISIONS = ('fp32', 'bf16', 'fp16')
@@ -75,7 +76,7 @@ class Setting:
         return _DTYPES[self.precision] if self.precision != 'fp32' else None
 
     def apply(self, learn:Learner) -> Learner:
-        "`learn` with fastai's mixed precision (`to_bf16`/`to_fp16`), `to_channelslast(use_amp=False)` and a `torch.compile`d model, as the setting asks"
+        "`learn` with fastai's mixed precision (`to_bf16`/`to_fp16`), `to_channelslast(use_amp=False)` and a `torch.compile`d model, as the setting asks (fastai's mixed precision autocasts on CUDA only: for a bare model elsewhere, `Autocast`)"
         if self.precision == 'bf16': learn.to_bf16()
         if self.precision == 'fp16': learn.to_fp16()
         if self.channels_last: learn.to_channelslast(use_amp=False)
@@ -100,3 +101,10 @@ class Setting:
         "Where and how: the device's name, the setting, the threads and torch's version"
         name = torch.cuda.get_device_name(self.dev) if self.dev.type == 'cuda' else 'cpu'
         return f"{name}, {self}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+# %% ../../nbs/experiment/00_setting.ipynb #bf7d027b
+class Autocast(Callback):
+    "Run the forward and the loss under `setting.autocast()`, for benchmarks of bare models off CUDA, where fastai's `MixedPrecision` does not autocast"
+    def __init__(self, setting:Setting): self.setting = setting
+    def before_batch(self): self.ctx = self.setting.autocast(); self.ctx.__enter__()
+    def after_loss(self): self.ctx.__exit__(None, None, None)

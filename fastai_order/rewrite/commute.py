@@ -191,9 +191,9 @@ def commutes(a:str, b:str, mode:str='train', act=None, **conditions) -> Verdict:
 def rules_table(act=nn.ReLU, **conditions) -> pd.DataFrame:
     "Every pair of `NAMES` with its verdict in training and in evaluation, for activation `act`"
     pairs = [(a, b) for i,a in enumerate(NAMES) for b in NAMES[i+1:]]
-    rows = []
+    rows, acts = [], {m: act_info(act, m) for m in MODES}   # an activation not registered is probed once per mode
     for a,b in pairs:
-        v = {m: commutes(a, b, m, act=act, **conditions) for m in MODES}
+        v = {m: commutes(a, b, m, act=acts[m], **conditions) for m in MODES}
         rows.append(dict(a=a, b=b, train=v['train'].kind, eval=v['eval'].kind,
                          condition=v['eval'].condition or v['train'].condition or '',
                          reason=v['eval'].reason if v['train'].reason == v['eval'].reason else f"train: {v['train'].reason}; eval: {v['eval'].reason}"))
@@ -233,10 +233,11 @@ class Rewrites:
     "Every sequence of op names (of `NAMES`) that exact rewrites reach from `start` in `mode`: each with the steps to it, their cost, and the cheapest"
     def __init__(self, start, mode:str='train', act=None, **conditions):
         self.start, self.mode = tuple(start), check_mode(mode)
+        act, conditions = act_info(act, mode), _check_conditions(conditions)   # once: an activation not registered is probed
         self.seen, todo = {self.start: None}, deque([self.start])   # each reached sequence: (the one it came from, the rewrite's reason)
         while todo:
             cur = todo.popleft()
-            for nxt,why in _moves(cur, mode, act, _check_conditions(conditions)):
+            for nxt,why in _moves(cur, mode, act, conditions):
                 if nxt not in self.seen: self.seen[nxt] = (cur, why); todo.append(nxt)
     def __iter__(self): return iter(self.seen)
     def steps(self, names) -> list:

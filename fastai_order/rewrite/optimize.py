@@ -19,7 +19,7 @@ from fastai.callback.fp16 import MixedPrecision, AMPMode
 from .graph import BLOCK_TYPES, HOOK_ATTRS, TracedForward, OpTracer, own_graphs, set_forwards, attributes_kept, op_runs
 from ..model.ops import op_name, op_of, module_role, norm_act_norm, norm_act_parts
 from .commute import conditions_of, Rewrites, cost_of, check_mode
-from .proof import (REPARAMS, ROUNDING_MARGIN, REFUSED, copy_model, model_kept, run_model, output_errors, rounding_sensitivity,
+from .proof import (REPARAMS, REFUSED, copy_model, model_kept, run_model, output_errors, rounding_sensitivity,
                                         group_error, run_precision, drift_of, drift_fails, tolerances, check_equivalence)
 from ..timing.paired import paired_times
 from ..core.checks import check_module, check_number, check_int, check_bool

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math, sys
 from functools import partial
 from pathlib import Path
-import numpy as np, pandas as pd, torch
+import numpy as np, pandas as pd
 from fastai.torch_core import find_bs
 from ..core.checks import check_int, check_number, check_choice, check_bool
 from ..core.files import atomic_path

@@ -21,7 +21,7 @@ import fastai.callback.schedule  # fit_one_cycle
 import fastai.callback.progress  # Learner.no_bar
 from ..model.order import LayerOrder
 from ..model.layers import ordered_cnn, XRESNET_ARCHS
-from ..experiment.setting import Setting
+from ..experiment.setting import Setting, Autocast
 from ..experiment.run import RunConfig, run_learner, data_parallel
 from ..experiment.compare import compare_orders, comparison_plan
 from ..experiment.engines import get_engine
@@ -39,16 +39,10 @@ __all__ = ['timer_overhead', 'phase_shares', 'cuda_check', 'runner_overhead', 'e
            'ddp_speedup', 'overhead_bench']
 
 # %% ../../nbs/tools/02_overhead.ipynb #5e47ac3c
-class _Autocast(Callback):
-    "Run the forward and the loss under `setting.autocast()` (fastai's `MixedPrecision` autocasts on CUDA only)"
-    def __init__(self, setting): self.setting = setting
-    def before_batch(self): self.ctx = self.setting.autocast(); self.ctx.__enter__()
-    def after_loss(self): self.ctx.__exit__(None, None, None)
-
 def _learner(model, dls, setting:Setting):
     "A `Learner` of `model` on `dls`, both as `setting` prepares them"
     return Learner(dls.to(setting.dev), setting.prepare(model), loss_func=CrossEntropyLossFlat(),
-                   cbs=[_Autocast(setting)] if setting.precision != 'fp32' else None)
+                   cbs=[Autocast(setting)] if setting.precision != 'fp32' else None)
 
 def _fit(learn, cbs):
     "One epoch of `learn` with `cbs`, without bar or logging"
