@@ -48,7 +48,7 @@ class FlakyEngine:
     def __init__(self, fail): self.fail, self.started = fail, []
     def __enter__(self): return self
     def __exit__(self, *exc): pass
-    def start(self, cfg, group, log_dir): self.started.append(cfg); return cfg
+    def start(self, cfg, group, log_dir, learner=None): self.started.append(cfg); return cfg
     def wait(self, handles):
         cfg = handles[0]
         return cfg, (RuntimeError('CUDA out of memory.\nTried to allocate') if cfg == self.fail else train_run(cfg))

@@ -4,7 +4,8 @@ import numpy as np, pytest, torch, wandb
 from fastai.callback.core import Callback
 from fastai.callback.wandb import WandbCallback
 from fastai.torch_core import find_bs
-from fastai_order.experiment.run import RunConfig, train_run, run_learner, build_model, layer_orders, warm_up
+from fastai_order.experiment.run import RunConfig, train_run, run_learner, build_model, warm_up, learner_id, learner_function, check_builds
+from fastai_order.rewrite.swap import realised_orders
 from fastai_order.timing.batch_timer import BatchTimer
 
 TINY = dict(epochs=1, bs=4, size=16, workers=0)
@@ -19,7 +20,11 @@ TINY = dict(epochs=1, bs=4, size=16, workers=0)
     (dict(lr=-1.), '`lr` must be a number > 0'), (dict(p=1.), '`p` must be a dropout probability in [0, 1)'),
     (dict(order='resnet_pool_drop'), "places 'drop' but the CNN has no dropout"),
     (dict(arch='xresnet18', order='keras_question'), "xresnet18's conv blocks have none"),
-    (dict(precision='bf16'), "precision 'bf16' needs CUDA")])
+    (dict(precision='bf16'), "precision 'bf16' needs CUDA"), (dict(arch='resnet18'), "or 'timm:NAME' (e.g. 'timm:resnet18')"),
+    (dict(arch='timm:resnet1'), "Unknown timm model 'resnet1' in arch 'timm:resnet1': did you mean 'resnet18'?"),
+    (dict(arch='torchvison:resnet18'), "did you mean 'torchvision'?"), (dict(arch='timm:resnet18', order='keras_question'), "timm:resnet18's conv blocks have none"),
+    (dict(learner=f'{__name__}:no_such'), f"module '{__name__}' has no function 'no_such'"),
+    (dict(learner=f'{__name__}:tiny_learner', bs=8), f"bs belong to your learner '{__name__}:tiny_learner'")])
 def test_every_choice_is_checked(bad, msg):
     if 'precision' in bad and torch.cuda.is_available(): pytest.skip('mixed precision is allowed on CUDA')
     with pytest.raises(ValueError, match=re.escape(msg)): RunConfig(**bad)
@@ -32,7 +37,7 @@ def test_the_recorded_order_is_the_models(tiny_data):
     rec = train_run(cfg)
     assert rec['config']['order'] == 'conv-act-pool-drop-bn' and rec['results']['layer_orders'] == {'conv-act-pool-drop-bn': 3}
     x = RunConfig(arch='xresnet18', order='pool_before_bn', **TINY)
-    assert layer_orders(build_model(x, 3)) == {'conv-pool-bn-act': 1, 'conv-bn-act': 10, 'conv-bn': 11}
+    assert realised_orders(build_model(x, 3)) == {'conv-pool-bn-act': 1, 'conv-bn-act': 10, 'conv-bn': 11}
 
 
 def _fit(cfg):
@@ -142,3 +147,45 @@ def test_a_run_records_where_its_times_come_from(tiny_data):
                                       (dict(wandb='yes'), "`wandb` must be True or False, got 'yes'"), (dict(epochs=1.5), '`epochs` must be an integer')])
 def test_a_wrong_type_is_a_type_error(bad, msg):
     with pytest.raises(TypeError, match=re.escape(msg)): RunConfig(**bad)
+
+
+@pytest.mark.parametrize('arch, order, found', [
+    ('torchvision:resnet18', 'pool_before_bn', {'conv-pool-bn-act': 1, 'conv-bn-act': 8, 'conv-bn': 11}),
+    ('timm:resnet18', 'bn_after', {'conv-act-bn-pool': 1, 'conv-act-bn': 8, 'conv-bn': 11})])
+def test_a_torchvision_or_timm_model_is_the_one_vision_learner_builds_in_the_order(arch, order, found):
+    cfg = RunConfig(arch=arch, order=order, size=32, workers=0)
+    model = build_model(cfg, 3)
+    assert realised_orders(model) == found
+    assert model[1][-1].out_features == 3   # fastai's head, on the library's body
+    check_builds(cfg)
+
+
+def test_an_order_a_model_cannot_realise_is_refused_before_anything_trains():
+    with pytest.raises(ValueError, match="none with all of it"): check_builds(RunConfig(arch='timm:efficientnet_b0', order='pool_before_bn', workers=0))
+
+
+def tiny_learner(seed):
+    "A user's own Learner: the tiny folder's data (made by the test), a torchvision resnet18 through vision_learner"
+    from fastai.vision.all import ImageDataLoaders, vision_learner, error_rate, Resize
+    from torchvision.models import resnet18
+    dls = ImageDataLoaders.from_folder(TINY_FOLDER[0], valid='val', bs=4, item_tfms=Resize(32), num_workers=0)
+    return vision_learner(dls, resnet18, pretrained=False, metrics=error_rate)
+
+TINY_FOLDER = []
+
+
+def test_a_run_of_your_own_learner_records_its_order_and_history(tiny_data):
+    TINY_FOLDER[:] = [tiny_data]
+    cfg = RunConfig(learner=f'{__name__}:tiny_learner', order='bn_after', epochs=2)
+    assert cfg.learner == learner_id(tiny_learner) and cfg.workers is None and 'bs' not in cfg.key and cfg.key['learner'] == cfg.learner
+    assert learner_function(cfg.learner) is tiny_learner
+    rec = train_run(cfg)
+    assert rec['results']['layer_orders']['conv-act-bn'] == 8   # every BasicBlock's first conv chain
+    assert [h['epoch'] for h in rec['results']['history']] == [0, 1] and rec['results']['history'][-1]['accuracy'] == rec['results']['accuracy']
+    with pytest.raises(ValueError, match="is not the function of this configuration"): train_run(cfg, learner=lambda seed: None)
+
+
+def test_a_learner_changed_since_its_runs_were_planned_is_refused():
+    ident = learner_id(tiny_learner)
+    changed = ident[:-8] + ('0' * 8 if not ident.endswith('0' * 8) else '1' * 8)
+    with pytest.raises(ValueError, match="has changed since its runs were planned"): learner_function(changed)

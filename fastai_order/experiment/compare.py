@@ -11,7 +11,9 @@ from pathlib import Path
 import pandas as pd
 from fastcore.script import call_parse, store_true
 from ..model.order import LayerOrder
-from .run import RunConfig, check_builds
+from .run import RunConfig, check_builds, run_learner, learner_id
+from .setting import Setting
+from .speed import step_times
 from .results import RunsFolder, runs_table
 from .engines import RayEngine, get_engine, train_grid, ENGINES
 from .report import Comparison
@@ -22,7 +24,7 @@ from ..core.distributed import join_ranks, first_on_rank0, rank_world
 from ..core.checks import cli_errors, check_int, check_choice
 
 # %% auto #0
-__all__ = ['comparison_plan', 'compare_orders', 'compare_cli']
+__all__ = ['comparison_plan', 'compare_orders', 'time_orders', 'compare_cli']
 
 # %% ../../nbs/experiment/07_compare.ipynb #3f6d9eb8
 def _plan(orders, config:RunConfig, seeds:int) -> tuple:
@@ -53,9 +55,11 @@ def comparison_plan(orders, config:RunConfig|None=None, seeds:int=3, only:tuple|
 
 # %% ../../nbs/experiment/07_compare.ipynb #c2c9ff56
 def compare_orders(orders=('resnet', 'bn_after', 'pool_before_bn'), config:RunConfig|None=None, seeds:int=3, out='order_comparison',
-                   only:tuple|None=None, experiment:str|None=None, engine='local', **settings) -> Comparison:
-    "Train every run of `orders` × `seeds` not yet in `out` (`config`, or `RunConfig(**settings)`) on `engine`, then the statistics and the report"
+                   only:tuple|None=None, experiment:str|None=None, engine='local', learner=None, min_effect:float=0.5, **settings) -> Comparison:
+    "Train every run of `orders` × `seeds` not yet in `out` (`config`, or `RunConfig(**settings)`; with `learner`, a function building your `Learner` from a seed) on `engine`, time each order's steps paired, then the statistics and the report"
     config = config.replace(**settings) if config and settings else config or RunConfig(**settings)
+    if learner is not None: config = config.replace(learner=learner_id(learner))   # its identity: a resumed comparison cannot mix two
+    check_number('min_effect', min_effect, 0)
     grid, given = _plan(orders, config, seeds)   # once: the runs to train, the report's and the orders' models come from it
     todo = grid if only is None else [_single(grid, given, config, seeds, only)]
     engine = get_engine(engine)
@@ -64,14 +68,15 @@ def compare_orders(orders=('resnet', 'bn_after', 'pool_before_bn'), config:RunCo
     for cfg in todo: folder.read(cfg)   # a damaged run file stops here
     if config.wandb: check_wandb_login()
     join_ranks()   # a data-parallel comparison (started by torchrun on every rank): their process group
-    first_on_rank0(lambda: data_folder(config.data))   # a failed download stops here, on every rank
-    for cfg in grid[:len(given)]: check_builds(cfg)   # each order's model, once
+    if not config.learner: first_on_rank0(lambda: data_folder(config.data))   # a failed download stops here, on every rank
+    for cfg in grid[:len(given)]: check_builds(cfg, learner=learner)   # each order's model, once
     group = experiment or folder.path.resolve().name
-    if rank_world()[0]: train_grid(folder, todo, group, engine); return None   # the other ranks follow rank 0, which reports
+    if rank_world()[0]: train_grid(folder, todo, group, engine, learner); return None   # the other ranks follow rank 0, which reports
     folder.create(config)
-    trained = train_grid(folder, todo, group, engine)
+    speed = None if only is not None else _speed(folder, grid[:len(given)], learner)
+    trained = train_grid(folder, todo, group, engine, learner)
     records = [r for r in map(folder.read, grid) if r is not None]
-    res = Comparison(runs_table(records), list(given), config=config.key)
+    res = Comparison(runs_table(records), list(given), config=config.key, speed=speed, min_effect=min_effect)
     if only is None:
         with folder.lock():
             folder.write_table(res.runs)
@@ -79,11 +84,25 @@ def compare_orders(orders=('resnet', 'bn_after', 'pool_before_bn'), config:RunCo
         if config.wandb and trained: _wandb_summary(res, group, folder.path)   # once per call that trained something
     return res
 
+def _speed(folder, cfgs, learner) -> pd.DataFrame:
+    "The paired step times of `cfgs`' orders: those in `folder`, else timed and written there (under its lock: timed once, whoever comes first)"
+    with folder.lock():
+        speed = folder.read_speed([c.order for c in cfgs])
+        if speed is None: folder.write_speed(speed := time_orders(cfgs, learner))
+    return speed
+
+def time_orders(cfgs:list, learner=None) -> pd.DataFrame:
+    "Each order's train step and inference, timed paired (`step_times`) on the runs' device, precision, backend and batch size: `cfgs`, one run per order"
+    learners = {c.order: run_learner(c, learner=learner) for c in cfgs}
+    first = next(iter(learners.values()))
+    return step_times(learners, Setting(str(first.dls.device), cfgs[0].precision, cfgs[0].backend))
+
 def _wandb_summary(res, group, log_dir):
     "Log the statistics table as its own run in the comparison's W&B group"
     import wandb
     with wandb.init(project='fastai_order', group=group, name='summary', job_type='order-summary', dir=log_dir, reinit='finish_previous') as run:
         run.log({'order_stats': wandb.Table(dataframe=res.stats)})
+        run.summary.update(res.summary())   # the report's verdicts and answer
 
 # %% ../../nbs/experiment/07_compare.ipynb #8fe2cc3d
 def _parse_only(run, order, seed):

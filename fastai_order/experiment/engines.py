@@ -23,9 +23,9 @@ class LocalEngine:
     waiting = None   # nothing to do while a run held elsewhere is waited for
     def __enter__(self): return self
     def __exit__(self, *exc): pass
-    def start(self, cfg:RunConfig, group:str|None, log_dir):
-        "A handle for run `cfg`: it trains when `wait` reaches it"
-        return lambda: train_run(cfg, group, log_dir)
+    def start(self, cfg:RunConfig, group:str|None, log_dir, learner=None):
+        "A handle for run `cfg` (of your `learner` function, if it names one): it trains when `wait` reaches it"
+        return lambda: train_run(cfg, group, log_dir, learner)
     def wait(self, handles:list):
         "Train the first of `handles`: (handle, record); a failed run raises its error here"
         return handles[0], handles[0]()
@@ -58,13 +58,13 @@ class RayEngine:
         for ref in self._pending: self._ray.cancel(ref, force=True)   # an interrupted grid leaves no run training
         if self._started: self._ray.shutdown()
 
-    def start(self, cfg:RunConfig, group:str|None, log_dir):
-        "Submit run `cfg` as a Ray task (connecting to Ray, or starting a local one, at the first run); its handle"
+    def start(self, cfg:RunConfig, group:str|None, log_dir, learner=None):
+        "Submit run `cfg` (of your `learner` function, pickled with it, if it names one) as a Ray task (connecting to Ray, or starting a local one, at the first run); its handle"
         if self._task is None:
             self._started = not self._ray.is_initialized()
             if self._started: self._ray.init(address=self.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
             self._task = self._ray.remote(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run, max_retries=self.retries)(train_run)
-        ref = self._task.remote(cfg, group, str(log_dir))
+        ref = self._task.remote(cfg, group, str(log_dir), learner)
         self._pending.add(ref)
         return ref
 
@@ -83,15 +83,15 @@ class _Rank0Engine(LocalEngine):
     name = 'ranks'
     def __exit__(self, *exc): broadcast_from_rank0(None)   # the other ranks stop following
     def waiting(self): broadcast_from_rank0('wait')   # while a run held elsewhere is waited for: the others wait on, not time out
-    def start(self, cfg, group, log_dir):
+    def start(self, cfg, group, log_dir, learner=None):
         broadcast_from_rank0(cfg)
-        return super().start(cfg, group, log_dir)
+        return super().start(cfg, group, log_dir, learner)
 
-def _follow_rank0(group, log_dir) -> int:
+def _follow_rank0(group, log_dir, learner=None) -> int:
     "On a rank other than 0: train every run rank 0 sends, until it sends `None`; how many"
     n = 0
     while (cfg := broadcast_from_rank0(None)) is not None:
-        if cfg != 'wait': train_run(cfg, group, log_dir); n += 1
+        if cfg != 'wait': train_run(cfg, group, log_dir, learner); n += 1
     return n
 
 # %% ../../nbs/experiment/05_engines.ipynb #d8e440df
@@ -105,13 +105,13 @@ def get_engine(engine='local'):
 # %% ../../nbs/experiment/05_engines.ipynb #7abdf161
 def _run_name(cfg): return f'{cfg.order}:{cfg.seed}'
 
-def train_grid(folder:RunsFolder, grid:list, group:str|None=None, engine='local') -> int:
-    "Train every run of `grid` not in `folder` on `engine`, writing each record as it finishes; how many it trained"
+def train_grid(folder:RunsFolder, grid:list, group:str|None=None, engine='local', learner=None) -> int:
+    "Train every run of `grid` (of your `learner` function, if they name one) not in `folder` on `engine`, writing each record as it finishes; how many it trained"
     engine, failed, later, trained = get_engine(engine), [], [], 0
     if launched_ranks() > 1:   # data-parallel runs: rank 0 leads, the others follow
         if engine.name != 'local': raise ValueError(f"Runs on several ranks train under their launcher (torchrun): use the local engine, not {engine.name!r}")
         join_ranks()
-        if rank_world()[0]: return _follow_rank0(group, folder.path)
+        if rank_world()[0]: return _follow_rank0(group, folder.path, learner)
         engine = _Rank0Engine()
     todo = [cfg for cfg in grid if folder.read(cfg) is None]
     with engine:   # an engine starts nothing before its first run
@@ -127,7 +127,7 @@ def train_grid(folder:RunsFolder, grid:list, group:str|None=None, engine='local'
                     lock = folder.claim(cfg, wait, waiting=engine.waiting)
                     if lock is None: later.append(cfg); continue
                     if folder.read(cfg) is not None: lock.release(); tick(cfg, 'written by another process'); continue
-                    running[engine.start(cfg, group, folder.path)] = cfg, lock
+                    running[engine.start(cfg, group, folder.path, learner)] = cfg, lock
                     if wait or not engine.parallel: trained += _finish(engine, running, folder, failed, tick)   # one at a time
                 while running: trained += _finish(engine, running, folder, failed, tick)
             finally:

@@ -15,9 +15,11 @@ from .run import RunConfig, RESULT_TYPES, CONTEXT_TYPES, LATER_SETTINGS
 from ..core.files import atomic_write
 
 # %% auto #0
-__all__ = ['BadRun', 'check_record', 'RunsFolder', 'runs_table']
+__all__ = ['LATER_RESULTS', 'BadRun', 'check_record', 'RunsFolder', 'runs_table']
 
 # %% ../../nbs/experiment/03_results.ipynb #7be3dbe2
+LATER_RESULTS = ('history',)   # results added after comparisons were first written: older runs lack them
+
 class BadRun(ValueError):
     "A run file that cannot be counted"
 
@@ -36,7 +38,9 @@ def check_record(record, cfg:RunConfig) -> dict:
     res = record['results']
     for part, types in (('results', RESULT_TYPES), ('context', CONTEXT_TYPES)):
         for k, t in types.items():
-            if k not in record[part]: raise BadRun(f"no {k!r} in its {part}")
+            if k not in record[part]:
+                if k in LATER_RESULTS: continue
+                raise BadRun(f"no {k!r} in its {part}")
             if not _type_ok(record[part][k], t): raise BadRun(f"{part} {k!r} is {record[part][k]!r}, not a {t.__name__}")
     if not 0 <= res['accuracy'] <= 1: raise BadRun(f"accuracy {res['accuracy']!r} is not in [0, 1]")
     if not (res['train_ms'] > 0 and res['valid_ms'] > 0 and res['params'] > 0): raise BadRun("its times and parameter count must be > 0")
@@ -102,6 +106,17 @@ class RunsFolder:
         "Write `results.csv`, one row per run, atomically"
         atomic_write(self.path/'results.csv', runs.to_csv(index=False))
 
+    def write_speed(self, speed:pd.DataFrame):
+        "Write the comparison's paired step times (`speed.step_times`) as `speed.csv`, atomically"
+        atomic_write(self.path/'speed.csv', speed.to_csv(index=False))
+
+    def read_speed(self, orders) -> pd.DataFrame|None:
+        "The paired step times in `speed.csv` if they time every one of `orders` (only theirs), else `None`"
+        try: speed = pd.read_csv(self.path/'speed.csv')
+        except (OSError, ValueError): return None   # none yet, or unreadable: timed again
+        cols = ['step', 'repeat', *orders]
+        return speed[cols] if set(cols) <= set(speed.columns) and len(speed) else None
+
     def status(self, cfg:RunConfig) -> str:
         "'done', 'to train', 'training elsewhere' or 'bad file: …' for run `cfg`; takes no lock"
         try: done = self.read(cfg) is not None
@@ -114,8 +129,8 @@ class RunsFolder:
 
 # %% ../../nbs/experiment/03_results.ipynb #4515df99
 def runs_table(records) -> pd.DataFrame:
-    "One row per run record: order, seed, results (layers by order as text) and context, by seed then order"
-    rows = [dict(order=r['config']['order'], seed=r['config']['seed'], **{**r['results'], 'layer_orders': json.dumps(r['results']['layer_orders'])},
-                 **r['context']) for r in records]
+    "One row per run record: order, seed, results (layers by order and per-epoch history as JSON text) and context, by seed then order"
+    text = lambda res: {k: json.dumps(res[k]) for k in ('layer_orders', 'history') if k in res}
+    rows = [dict(order=r['config']['order'], seed=r['config']['seed'], **{**r['results'], **text(r['results'])}, **r['context']) for r in records]
     df = pd.DataFrame(rows)
     return df.sort_values(['seed', 'order'], ignore_index=True) if len(df) else df

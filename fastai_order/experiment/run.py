@@ -6,8 +6,7 @@ Docs: https://fastai-order.github.io/fastai_order/experiment/run.html.md"""
 
 # %% ../../nbs/experiment/02_run.ipynb #7e7b8ba2
 from __future__ import annotations
-import contextlib, ctypes, gc, inspect, math, os, platform, threading, time, typing
-from collections import Counter
+import contextlib, ctypes, gc, hashlib, importlib, inspect, math, os, platform, re, threading, time, typing
 from dataclasses import dataclass, asdict, fields, replace
 import psutil, torch, fastai
 from fastai.torch_core import set_seed, num_cpus, default_device
@@ -17,22 +16,45 @@ from fastai.learner import Learner
 from fastai.metrics import accuracy
 import fastai.callback.schedule, fastai.callback.progress  # fit_one_cycle, no_bar
 from ..model.order import LayerOrder
-from ..model.layers import OrderedConvLayer, ordered_cnn, ordered_xresnet, XRESNET_ARCHS
+from ..model.layers import ordered_cnn, ordered_xresnet, XRESNET_ARCHS
+from ..rewrite.swap import swap_order, realised_orders
 from .data import check_data, get_dls
 from .setting import Setting, PRECISIONS, BACKENDS
 from ..timing.batch_timer import BatchTimer, PHASES
 from ..timing.wandb import check_wandb_login, random_state_kept
-from ..core.checks import check_bool, check_choice, check_int
+from ..core.checks import check_bool, check_choice, check_int, did_you_mean
 from ..core.distributed import launched_ranks, join_ranks, rank_world
 
 # %% auto #0
-__all__ = ['ARCHS', 'POOLS', 'LATER_SETTINGS', 'RESULT_TYPES', 'CONTEXT_TYPES', 'RunConfig', 'layer_orders', 'build_model',
-           'check_builds', 'run_learner', 'warm_up', 'PeakMemory', 'run_context', 'OtherLoad', 'data_parallel',
-           'train_run']
+__all__ = ['ARCHS', 'LIBRARIES', 'POOLS', 'LATER_SETTINGS', 'LEARNERS_OWN', 'RESULT_TYPES', 'CONTEXT_TYPES', 'check_arch',
+           'learner_id', 'learner_function', 'RunConfig', 'build_model', 'check_builds', 'run_learner', 'warm_up',
+           'PeakMemory', 'run_context', 'OtherLoad', 'history', 'data_parallel', 'train_run']
 
 # %% ../../nbs/experiment/02_run.ipynb #cfb51ee5
-ARCHS = ('cnn', *XRESNET_ARCHS)
+ARCHS = ('cnn', *XRESNET_ARCHS)   # and 'torchvision:NAME' or 'timm:NAME': the model fastai's `vision_learner` builds
+LIBRARIES = ('torchvision', 'timm')
 POOLS = ('max', 'avg')
+
+def _library_models(lib) -> list:
+    "The classification models `lib` ('torchvision' or 'timm') can build by name"
+    if lib == 'torchvision':
+        import torchvision.models
+        return torchvision.models.list_models(module=torchvision.models)
+    try: import timm
+    except ImportError: raise ValueError("arch 'timm:…' needs timm: pip install timm") from None
+    return timm.list_models()
+
+def check_arch(arch:str) -> str:
+    "`arch` if it names a model this package builds ('cnn', 'xresnet18', …) or one of torchvision's or timm's ('torchvision:resnet18', 'timm:resnet18')"
+    lib, sep, name = str(arch).partition(':')
+    if not sep:
+        if arch in ARCHS: return arch
+        raise ValueError(f"Unknown arch {arch!r}: {did_you_mean(arch, ARCHS)}allowed: {', '.join(ARCHS)}, "
+                         f"or a torchvision or timm model as 'torchvision:NAME' or 'timm:NAME' (e.g. 'timm:{arch}')")
+    check_choice('arch library', lib, LIBRARIES)
+    names = _library_models(lib)
+    if name not in names: raise ValueError(f"Unknown {lib} model {name!r} in arch {arch!r}: {did_you_mean(name, names)}see {lib}'s list_models()")
+    return arch
 
 def _ops(arch, order, p):
     "The ops each conv block of `arch` has, given the ops `order` asks for and dropout `p`"
@@ -44,14 +66,35 @@ def _ops(arch, order, p):
     if 'drop' in order and not p: raise ValueError(f"Order '{order}' places 'drop' but the CNN has no dropout: pass p > 0 (e.g. p=0.25), or leave 'drop' out")
     return ['conv', 'bn', 'act', 'pool', *(['drop'] if p else [])]
 
+def learner_id(f) -> str:
+    "The identity of `f`, a function building a `Learner` from a seed: 'module:name#' and a hash of its source, so that a changed function is another"
+    if not callable(f) or not hasattr(f, '__qualname__'): raise TypeError(f"`learner` must be a function taking a seed and returning a fastai Learner, got {f!r}")
+    try: code = inspect.getsource(f).encode()
+    except (OSError, TypeError): code = getattr(getattr(f, '__code__', None), 'co_code', repr(f).encode())
+    return f"{f.__module__}:{f.__qualname__}#{hashlib.sha1(code).hexdigest()[:8]}"
+
+def learner_function(ref:str):
+    "The function `ref` ('module:name', or a `learner_id`) names, imported; a `ValueError` if it cannot be, or if it changed since `ref`'s id was taken"
+    path, _, digest = ref.partition('#')
+    module, _, name = path.partition(':')
+    try: f = importlib.import_module(module)
+    except ImportError as e: raise ValueError(f"learner {ref!r}: cannot import module {module!r} ({e}); give it as 'module:function'") from None
+    for part in name.split('.'):
+        f = getattr(f, part, None)
+        if f is None or '<' in part: raise ValueError(f"learner {ref!r}: module {module!r} has no function {name!r}; give it as 'module:function'")
+    if digest and learner_id(f) != ref: raise ValueError(f"learner {path!r} has changed since its runs were planned ({learner_id(f)} now, {ref} then): "
+                                                         "use another out folder, or restore the function")
+    return f
+
+
 # %% ../../nbs/experiment/02_run.ipynb #e3e0846f
-LATER_SETTINGS = dict(ranks=1)   # settings added after comparisons were first written, with the value their runs had
+LATER_SETTINGS = dict(ranks=1, learner=None)   # settings added after comparisons were first written, with the value their runs had
 
 @dataclass(frozen=True)
 class RunConfig:
     "Everything that makes a training run what it is, checked when made; `order` is the order the model realises"
     data:str='mnist' # 'mnist' (offline), a dataset ('imagenette-160', 'imagenette-320', 'imagenette', 'imagewoof-160', …) or a folder in Imagenette's layout
-    arch:str='cnn' # 'cnn' (`ordered_cnn`, widths 32, 64, 128) or a fastai XResNet ('xresnet18', …)
+    arch:str='cnn' # 'cnn' (`ordered_cnn`, widths 32, 64, 128), a fastai XResNet ('xresnet18', …), or the model `vision_learner` builds from 'torchvision:NAME' or 'timm:NAME' (not pretrained), put in each order by `swap_order`
     order:str='resnet' # a preset or spec of the conv blocks' order
     epochs:int=3 # epochs of the run's `fit_one_cycle`
     lr:float=3e-3 # peak learning rate of `fit_one_cycle`
@@ -66,24 +109,31 @@ class RunConfig:
     workers:int|None=None # data loader workers (they draw the augmentations); `None`: min(8, CPUs)
     wandb:bool=False # log the run to W&B, grouped by its comparison's out folder (it changes no result: see `fix_wandb_randomness`)
     ranks:int|None=None # data-parallel ranks it trains on, `bs` images each; `None`: as many as the launcher started (`torchrun`, `accelerate launch`), else 1
+    learner:str|None=None # your own `Learner`: 'module:function', a function taking the seed and returning it (its data, model, batch size and size are its own), put in each order by `swap_order`
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)
         put('data', check_data(self.data))
+        if self.learner is not None:
+            if not isinstance(self.learner, str): raise TypeError(f"`learner` must be 'module:function' (compare_orders(learner=f) takes the function), got {self.learner!r}")
+            if theirs := [k for k in LEARNERS_OWN if getattr(self, k) != _DEFAULTS[k]]: raise ValueError(
+                f"{', '.join(theirs)} belong to your learner {self.learner.split('#')[0]!r}: leave them out, and set them where it builds its Learner")
+            if '#' not in self.learner: put('learner', learner_id(learner_function(self.learner)))
         if self.backend == 'compile+channels_last': put('backend', 'channels_last+compile')   # one configuration, one label
-        for name, allowed in (('arch', ARCHS), ('precision', PRECISIONS), ('backend', BACKENDS), ('pool', POOLS)):
-            check_choice(name, getattr(self, name), allowed)
+        check_arch(self.arch)
+        for name, allowed in (('precision', PRECISIONS), ('backend', BACKENDS), ('pool', POOLS)): check_choice(name, getattr(self, name), allowed)
         for name, lo in (('epochs', 1), ('bs', 1), ('size', 1), ('seed', 0), ('warmup', 0)): check_int(name, getattr(self, name), lo)
         for name, what, ok in (('lr', 'a number > 0', lambda v: 0 < v < math.inf), ('p', 'a dropout probability in [0, 1)', lambda v: 0 <= v < 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)): raise TypeError(f"`{name}` must be {what}, got {v!r}")
             if not ok(v): raise ValueError(f"`{name}` must be {what}, got {v!r}")
         if self.arch != 'cnn' and self.pool != 'max': raise ValueError(f"pool={self.pool!r} is the CNN's: {self.arch} pools with its stem's max pool")
-        if self.workers is None: put('workers', min(8, num_cpus()))
-        check_int('workers', self.workers, 0)
+        if not self.learner:   # a learner's data loaders are its own
+            if self.workers is None: put('workers', min(8, num_cpus()))
+            check_int('workers', self.workers, 0)
         if self.precision != 'fp32' and not torch.cuda.is_available(): raise ValueError(
             f"precision {self.precision!r} needs CUDA: fastai's mixed precision autocasts on CUDA only, so here it would train in fp32; use 'fp32'")
-        put('order', str(LayerOrder(self.order).fit(_ops(self.arch, self.order, self.p))))
+        put('order', str(LayerOrder(self.order).fit(_ops(self.model_name, self.order, self.p))))
         check_bool('wandb', self.wandb)
         if self.ranks is None: put('ranks', launched_ranks())
         check_int('ranks', self.ranks, 1)
@@ -91,11 +141,17 @@ class RunConfig:
     @property
     def key(self) -> dict:
         "What runs of one comparison share: everything but the order, the seed and the logging"
-        return {k: v for k, v in asdict(self).items() if k not in ('order', 'seed', 'wandb') and LATER_SETTINGS.get(k, object()) != v}
+        own = LEARNERS_OWN if self.learner else ()
+        return {k: v for k, v in asdict(self).items() if k not in ('order', 'seed', 'wandb', *own) and LATER_SETTINGS.get(k, object()) != v}
 
     def replace(self, **changes) -> RunConfig:
         "This configuration with `changes`, checked again"
         return replace(self, **changes)
+
+    @property
+    def model_name(self) -> str:
+        "What builds the model: the arch, or the user's learner function"
+        return self.learner.split('#')[0] if self.learner else self.arch
 
     @classmethod
     def parameters(cls) -> dict:
@@ -103,23 +159,45 @@ class RunConfig:
         types = typing.get_type_hints(cls)
         return {f.name: inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=types[f.name]) for f in fields(cls)}
 
-# %% ../../nbs/experiment/02_run.ipynb #ffc04838
-def layer_orders(model) -> dict:
-    "How many `OrderedConvLayer`s of `model` are in each order, most ops first"
-    counts = Counter(str(m.order) for m in model.modules() if isinstance(m, OrderedConvLayer))
-    return dict(sorted(counts.items(), key=lambda kv: (-len(LayerOrder(kv[0])), -kv[1])))
+LEARNERS_OWN = ('data', 'arch', 'bs', 'size', 'p', 'pool', 'workers')   # settings a user's `learner` decides itself
+_DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
 
-def build_model(cfg:RunConfig, n_out:int):
-    "The model of run `cfg` with `n_out` outputs, after checking that its layers realise `cfg.order`"
-    if cfg.arch == 'cnn': model = ordered_cnn(3, n_out, (32, 64, 128), order=cfg.order, pool=cfg.pool, p=cfg.p)
-    else: model = ordered_xresnet(cfg.arch, cfg.order, n_out=n_out)
-    order, found = LayerOrder(cfg.order), layer_orders(model)
-    wrong = [o for o in found if LayerOrder(o) != order.restrict(LayerOrder(o))]
-    if wrong or str(order) not in found: raise RuntimeError(f"{cfg.arch} built for order '{order}' has layers in {found}: not that order")
+
+# %% ../../nbs/experiment/02_run.ipynb #ffc04838
+def _vision_model(arch:str, n_out:int):
+    "The model fastai's `vision_learner` builds for 'torchvision:NAME' or 'timm:NAME', not pretrained"
+    from fastai.vision.learner import create_vision_model, create_timm_model
+    lib, _, name = arch.partition(':')
+    if lib == 'timm': return create_timm_model(name, n_out, pretrained=False)[0]
+    import torchvision.models
+    return create_vision_model(getattr(torchvision.models, name), n_out, pretrained=False)
+
+def _in_order(model, order:str, name:str):
+    "`model` put in `order` by `swap_order`, in place; a `ValueError` if a conv chain of it cannot be reached"
+    report = swap_order(model, order)
+    if skipped := [r for r in report.rows if r['status'] == 'skipped']:
+        raise ValueError(f"{len(skipped)} conv chain(s) of {name} cannot be put in order '{order}' ({skipped[0]['path']}: {skipped[0]['reason']}), "
+                         "so its runs would not compare orders")
     return model
 
-def check_builds(cfg:RunConfig, n_out:int=2):
-    "Build `cfg`'s model and run it on a batch of two `cfg.size` images, so that a size it cannot take stops before anything is created"
+def _check_realised(model, cfg:RunConfig):
+    "A `ValueError` unless `model`'s conv chains realise `cfg.order`: each in its sequence, one with all of it"
+    order, found = LayerOrder(cfg.order), realised_orders(model)
+    wrong = [o for o in found if LayerOrder(o).restrict(order) != order.restrict(LayerOrder(o))]
+    if wrong or str(order) not in found: raise ValueError(f"{cfg.model_name} in order '{order}' has conv chains in {found}: "
+                                                          + (f"not that order" if wrong else "none with all of it"))
+
+def build_model(cfg:RunConfig, n_out:int):
+    "The model of run `cfg` with `n_out` outputs, after checking that its conv chains realise `cfg.order`"
+    if cfg.arch == 'cnn': model = ordered_cnn(3, n_out, (32, 64, 128), order=cfg.order, pool=cfg.pool, p=cfg.p)
+    elif cfg.arch in XRESNET_ARCHS: model = ordered_xresnet(cfg.arch, cfg.order, n_out=n_out)
+    else: model = _in_order(_vision_model(cfg.arch, n_out), cfg.order, cfg.arch)
+    _check_realised(model, cfg)
+    return model
+
+def check_builds(cfg:RunConfig, n_out:int=2, learner=None):
+    "Build `cfg`'s model (or `learner`'s, for a run of your own `Learner`) and run it on a batch of two images, so that a model or size it cannot take stops before anything is created"
+    if cfg.learner: return run_learner(cfg, learner=learner)   # its own data says what a batch is
     model = build_model(cfg, n_out).eval()
     try:
         with torch.no_grad(): model(torch.zeros(2, 3, cfg.size, cfg.size))
@@ -127,13 +205,29 @@ def check_builds(cfg:RunConfig, n_out:int=2):
         raise ValueError(f"size={cfg.size} is too small for {cfg.arch} in order '{cfg.order}': {str(e).splitlines()[0]}") from None
 
 # %% ../../nbs/experiment/02_run.ipynb #6f19b458
-def run_learner(cfg:RunConfig, cbs=None) -> Learner:
-    "The `Learner` of run `cfg`: data and initial weights from `cfg.seed`, then its precision and backend"
-    set_seed(cfg.seed)
-    dls = get_dls(cfg.data, size=cfg.size, bs=cfg.bs, num_workers=cfg.workers, pin_memory=default_device().type == 'cuda')
-    set_seed(cfg.seed)
-    learn = Learner(dls, build_model(cfg, dls.c).to(dls.device), metrics=accuracy, cbs=cbs)
-    return Setting(str(dls.device), cfg.precision, cfg.backend).apply(learn)
+def _metrics_with_accuracy(learn:Learner) -> Learner:
+    "`learn` with fastai's `accuracy` among its metrics (a run records it)"
+    if not any(getattr(m, 'name', None) == 'accuracy' for m in learn.metrics): learn.metrics = [*learn.metrics, accuracy]
+    return learn
+
+def run_learner(cfg:RunConfig, cbs=None, learner=None) -> Learner:
+    "The `Learner` of run `cfg`: data and initial weights from `cfg.seed` (or `learner(seed)`'s, in `cfg.order`), then its precision and backend"
+    if cfg.learner:
+        f = learner or learner_function(cfg.learner)
+        if learner_id(f) != cfg.learner: raise ValueError(f"`learner` {learner_id(f)} is not the function of this configuration, {cfg.learner}")
+        set_seed(cfg.seed)
+        learn = f(cfg.seed)
+        if not isinstance(learn, Learner): raise TypeError(f"learner {cfg.model_name!r} returned a {type(learn).__name__}, not a fastai Learner")
+        _in_order(learn.model, cfg.order, cfg.model_name)
+        _check_realised(learn.model, cfg)
+        learn.add_cbs(cbs or [])
+        _metrics_with_accuracy(learn).model.to(learn.dls.device)
+    else:
+        set_seed(cfg.seed)
+        dls = get_dls(cfg.data, size=cfg.size, bs=cfg.bs, num_workers=cfg.workers, pin_memory=default_device().type == 'cuda')
+        set_seed(cfg.seed)
+        learn = Learner(dls, build_model(cfg, dls.c).to(dls.device), metrics=accuracy, cbs=cbs)
+    return Setting(str(learn.dls.device), cfg.precision, cfg.backend).apply(learn)
 
 # %% ../../nbs/experiment/02_run.ipynb #75425b22
 def _first_batches(dl, n):
@@ -230,10 +324,16 @@ class OtherLoad:
 
 # %% ../../nbs/experiment/02_run.ipynb #ae2802f0
 RESULT_TYPES = dict(accuracy=float, valid_loss=float, train_loss=float, train_ms=float, valid_ms=float, samples_per_s=float,
-                    params=int, peak_memory_mb=float, fit_s=float, layer_orders=dict,
+                    params=int, peak_memory_mb=float, fit_s=float, layer_orders=dict, history=list,
                     **{f'{split}_{p}_ms': float for split in ('train', 'valid') for p in PHASES})
 CONTEXT_TYPES = dict(device=str, cpu=str, cores=int, threads=int, python=str, torch_version=str, fastai_version=str,
                      cuda_version=str, clock=str, other_load=float)
+
+def history(learn:Learner) -> list:
+    "Per epoch of `learn`'s last fit: its train and valid loss and accuracy"
+    names = learn.recorder.metric_names[1:-1]   # without 'epoch' and 'time'
+    return [dict(epoch=i, **{k: float(v) for k, v in zip(names, row) if k in ('train_loss', 'valid_loss', 'accuracy')})
+            for i, row in enumerate(learn.recorder.values)]
 
 def _wandb_run(cfg, group, log_dir):
     import wandb
@@ -248,8 +348,8 @@ def data_parallel(learn:Learner, ranks:int):
     import fastai.distributed   # Learner.distrib_ctx
     return learn.distrib_ctx(sync_bn=torch.cuda.is_available())
 
-def train_run(cfg:RunConfig, group:str|None=None, log_dir=None) -> dict:
-    "Train run `cfg` with `fit_one_cycle` under `BatchTimer` (and W&B, in `group`, if `cfg.wandb`) after `warm_up`; its record"
+def train_run(cfg:RunConfig, group:str|None=None, log_dir=None, learner=None) -> dict:
+    "Train run `cfg` (with `learner`, the function its `cfg.learner` names) with `fit_one_cycle` under `BatchTimer` (and W&B, in `group`, if `cfg.wandb`) after `warm_up`; its record"
     if cfg.ranks != launched_ranks(): raise ValueError(
         f"Run of {cfg.ranks} rank(s) launched on {launched_ranks()}: start it on every rank with `torchrun --nproc_per_node {cfg.ranks}` "
         "(or accelerate launch), or without a launcher for one")
@@ -260,7 +360,7 @@ def train_run(cfg:RunConfig, group:str|None=None, log_dir=None) -> dict:
     timer = BatchTimer()
     try:
         with OtherLoad() as load:
-            learn = warm_up(run_learner(cfg, cbs=[timer, *cbs]), cfg.warmup, cbs=[timer, *cbs])
+            learn = warm_up(run_learner(cfg, cbs=[timer, *cbs], learner=learner), cfg.warmup, cbs=[timer, *cbs])
             device = next(learn.model.parameters()).device
             with PeakMemory(device) as mem:
                 start = time.perf_counter()
@@ -272,13 +372,13 @@ def train_run(cfg:RunConfig, group:str|None=None, log_dir=None) -> dict:
     summary = timer.summary()   # on the device clock when the model is on CUDA
     context = {**run_context(device), 'clock': summary.attrs['clock'], 'other_load': load.share}
     ms = summary.get('ranks_mean_ms', summary.mean_ms)   # on several ranks: over every rank's batches
-    train_loss, valid_loss, acc = learn.recorder.values[-1][:3]
-    results = dict(accuracy=float(acc), valid_loss=float(valid_loss), train_loss=float(train_loss),
+    epochs = history(learn)
+    results = dict(**{k: epochs[-1][k] for k in ('accuracy', 'valid_loss', 'train_loss')},
                    train_ms=ms['train', 'total'], valid_ms=ms['valid', 'total'],
                    **{f'train_{p}_ms': ms['train', p] for p in PHASES}, **{f'valid_{p}_ms': ms['valid', p] for p in PHASES},
                    samples_per_s=float(summary.get('ranks_samples_per_s', summary.samples_per_s)['train', 'total']),   # every rank's together
                    params=sum(p.numel() for p in learn.model.parameters()),
-                   peak_memory_mb=mem.mb, fit_s=fit_s, layer_orders=layer_orders(learn.model))
+                   peak_memory_mb=mem.mb, fit_s=fit_s, layer_orders=realised_orders(getattr(learn.model, '_orig_mod', learn.model)), history=epochs)
     record = dict(config=asdict(cfg), results=results, context=context)
-    if run: run.summary.update({k: v for k, v in results.items() if k != 'layer_orders'}); run.finish()
+    if run: run.summary.update({k: v for k, v in results.items() if k not in ('layer_orders', 'history')}); run.finish()
     return record

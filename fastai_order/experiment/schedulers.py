@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 import yaml
-from .run import RunConfig
+from .run import RunConfig, LEARNERS_OWN
 from ..core.checks import check_choice, check_int, check_number
 
 # %% auto #0
@@ -28,6 +28,7 @@ def cli_args(orders:list, config:RunConfig, seeds:int, out) -> list:
     args = ['--orders', ','.join(map(str, orders)), '--seeds', str(check_int('seeds', seeds, 1))]
     for k, p in setting_flags().items():
         v, flag = getattr(config, k), '--' + k.replace('_', '-')
+        if v is None or config.learner and k in LEARNERS_OWN: continue   # unset, or the learner's own
         args += ([flag] if v else []) if p.annotation is bool else [flag, str(v)]   # a bool is a bare flag, as `call_parse` makes it
     return args + ['--out', str(out)]
 

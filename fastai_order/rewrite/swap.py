@@ -6,7 +6,7 @@ Docs: https://fastai-order.github.io/fastai_order/rewrite/swap.html.md"""
 
 # %% ../../nbs/rewrite/01_swap.ipynb #39a779ae
 from __future__ import annotations
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 import pandas as pd
 from torch import nn
 import torch.fx as fx
@@ -20,7 +20,7 @@ from .graph import (BLOCK_TYPES, ANCHORS, has_hooks, own_graph, own_graphs, set_
                                         graph_op, op_runs, inline_borders, owners, whole_owners, callable_children)
 
 # %% auto #0
-__all__ = ['SwapReport', 'swap_order']
+__all__ = ['SwapReport', 'swap_order', 'realised_orders']
 
 # %% ../../nbs/rewrite/01_swap.ipynb #4714d482
 def _size_preserving(conv):
@@ -267,17 +267,12 @@ def _plan_owner(path, owner, route, order, head, taken, inline=False):
     return list(rows.values()), (lambda: _install(owner, graphs, head, inline)) if changed else (lambda: None)
 
 # %% ../../nbs/rewrite/01_swap.ipynb #5486e9e8
-def swap_order(
-    model, # the model, changed in place
-    order, # the order for every conv: a `LayerOrder`, a spec such as 'conv-act-bn', or a preset name
-    absorb=True, # let a conv block take in the pooling or dropout module that follows it, when `order` places one
-    head=None, # an order for the linear layers' groups too (fastai's head: BatchNorm1d → Dropout → Linear), e.g. 'drop-bn-linear'
-) -> SwapReport:
-    "Put every conv chain of `model` in `order`, in place, keeping its parameter and buffer tensors and `state_dict` keys"
+def _plan(model, order, absorb, head) -> tuple:
+    "(report rows, apply): what putting every conv chain of `model` in `order` would do, and the function that does it; raises, before anything changes, if `order` would break the model"
     check_module(model, 'swap_order')
     check_bool('absorb', absorb)
     order, head = LayerOrder(order), None if head is None else LayerOrder(head)
-    blocks = _plan_blocks(model, order, absorb)   # the plans raise, before anything changes, if an order would break the model
+    blocks = _plan_blocks(model, order, absorb)
     found = list(owners(model, head))
     whole = whole_owners(model, found)
     place = {p: i for i,(p,_) in enumerate(model.named_modules())}
@@ -289,11 +284,30 @@ def swap_order(
             hooked = [q for q,c in m.named_modules(prefix=p) if q != p and has_hooks(c)]
             taken.update(q for q,_ in m.named_modules(prefix=p) if q != p and not any(q == h or q.startswith(h + '.') for h in hooked))
         planned.append(_plan_owner(p, m, route, order, head, taken, inline=p in whole))
-    for row, block, roles, new, absorbed in blocks:
-        if row['status'] == 'rewritten': _apply(block, roles, new, absorbed)
-    for _, apply in planned: apply()
+    def apply():
+        for row, block, roles, new, absorbed in blocks:
+            if row['status'] == 'rewritten': _apply(block, roles, new, absorbed)
+        for _, f in planned: f()
     rows = [b[0] for b in blocks] + [r for rows,_ in planned for r in rows]
-    return SwapReport(order, sorted(rows, key=lambda r: place.get(r['path'], len(place))))
+    return sorted(rows, key=lambda r: place.get(r['path'], len(place))), apply
+
+def swap_order(
+    model, # the model, changed in place
+    order, # the order for every conv: a `LayerOrder`, a spec such as 'conv-act-bn', or a preset name
+    absorb=True, # let a conv block take in the pooling or dropout module that follows it, when `order` places one
+    head=None, # an order for the linear layers' groups too (fastai's head: BatchNorm1d → Dropout → Linear), e.g. 'drop-bn-linear'
+) -> SwapReport:
+    "Put every conv chain of `model` in `order`, in place, keeping its parameter and buffer tensors and `state_dict` keys"
+    rows, apply = _plan(model, order, absorb, head)
+    apply()
+    return SwapReport(LayerOrder(order), rows)
+
+def realised_orders(model) -> dict:
+    "How many conv chains of `model` run in each order, most ops first (chains `swap_order` cannot reach are left out); nothing changes"
+    rows, _ = _plan(model, 'conv-bn-act', absorb=False, head=None)
+    counts = Counter(r['old'] for r in rows if r['status'] != 'skipped')
+    return dict(sorted(counts.items(), key=lambda kv: (-len(LayerOrder(kv[0])), -kv[1])))
+
 
 # %% ../../nbs/rewrite/01_swap.ipynb #ef41bbb7
 @patch
