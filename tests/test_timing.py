@@ -151,6 +151,27 @@ def test_bounded_rows_and_aggregates():
     with pytest.raises(ValueError, match='warmup=0'): t.summary(warmup=0)
 
 
+@pytest.mark.parametrize('n_valid', [1, 2])
+def test_a_short_split_is_never_left_empty(n_valid):
+    "A validation set of 1 or 2 batches keeps its last batch of each epoch in summary, plot and the aggregates; longer splits lose `warmup`"
+    t, agg = BatchTimer(), BatchTimer(max_rows=3)   # the second summarises from its running aggregates
+    learn = learner(t, agg, n=80 + 16*n_valid, valid_pct=16*n_valid/(80 + 16*n_valid))
+    assert (len(learn.dls.train), len(learn.dls.valid)) == (5, n_valid)
+    fit(learn, 2)
+    assert agg.rows.dropped and t.lengths == {(1, e, s): n for e in (0, 1) for s, n in ((0, 5), (1, n_valid))}
+    for timer in (t, agg):
+        s = timer.summary()
+        assert s.loc[('train', 'total'), 'n'] == 2*3 and s.loc[('valid', 'total'), 'n'] == 2*1
+    assert t.summary(warmup=0).loc[('valid', 'total'), 'n'] == 2*n_valid
+    assert t.summary(warmup=1).loc[('valid', 'total'), 'n'] == 2*(n_valid - 1 or 1)
+    kept = t.df.iter[t._kept(t.rows.array(), 2)].groupby(t.df.split, observed=True).agg(list)
+    assert kept['valid'] == [n_valid - 1]*2 and kept['train'] == [2, 3, 4]*2
+    fig = t.plot(splits=['valid'])
+    assert len(fig.axes[0].patches) == 2*(n_valid - 1)   # the shaded warm-up batches
+    learn.validate()
+    assert t.summary().loc[('validate', 'total'), 'n'] == 1
+
+
 def test_streaming_stats():
     rng = np.random.default_rng(0)
     x = rng.lognormal(15, 1, size=(5000, 7))

@@ -121,7 +121,7 @@ class BatchTimer(TimerCallback):
     _stateattrs = ('_host', '_now', '_head', '_log', '_keys', '_ts', '_dkeys', '_evs', '_start', '_dstart', '_device')
     _own_events = frozenset({'before_fit', 'before_train', 'before_validate', 'after_batch', 'after_epoch', 'after_fit'})  # its event methods
     def __init__(self,
-        warmup:int=2, # batches of each split and epoch left out of `summary` and `plot`'s distributions
+        warmup:int=2, # batches of each split and epoch left out of `summary` and `plot`'s distributions; never all: a split-epoch of `n` batches leaves out at most `n - 1`
         max_rows:int=100_000, # raw rows kept (the newest); aggregates cover every batch
         clock:str|Clock='auto', # for the device times: 'auto' (device events when the model is on CUDA), 'host' (none), 'device', or a `Clock`
         wandb_every:float|None=0.5, # seconds between W&B logs when a run is active; `None` turns W&B logging off
@@ -129,14 +129,14 @@ class BatchTimer(TimerCallback):
         self.warmup,self.max_rows,self.clock = check_int('warmup', warmup, 0),check_int('max_rows', max_rows, 1),check_clock(clock)
         if check_number('wandb_every', wandb_every, none_ok=True) == 0: raise ValueError(f"`wandb_every` must be > 0 seconds or None, got {wandb_every!r}")
         self.wandb_every = wandb_every
-        self.rows,self.stats,self.n_runs,self.ranks = _Rows(self.max_rows),{},0,{}
+        self.rows,self.stats,self.n_runs,self.ranks,self.lengths = _Rows(self.max_rows),{},0,{},{}
         self._init_state()
 
     def _init_state(self):
         self._host,self._head,self._log,self._device = HostClock(),_BatchTimerHead(self),None,None
         self._now = self._host.mark   # looked up once: `perf_counter_ns` itself
         self._keys,self._ts,self._dkeys,self._evs,self._start,self._dstart = None,None,None,None,None,None
-        self._last,self._skip,self._cur_split,self._trained = None,False,None,False
+        self._last,self._skip,self._cur_split,self._trained,self._warm = None,False,None,False,self.warmup
 
     @classmethod
     def own_classes(cls) -> tuple:
@@ -180,6 +180,7 @@ class BatchTimer(TimerCallback):
     def before_train(self):
         if self._skip: return
         self._cur_split,self._trained = 'train',True
+        self._started()
         if self._log is None and self.wandb_every is not None and getattr(sys.modules.get('wandb'), 'run', None) is not None and rank_world()[0] == 0:
             from .wandb import TimingLog   # only with a W&B run active: the wandb module imports wandb
             self._log = TimingLog(self.learn, [*PHASES, 'total'], self.wandb_every)
@@ -187,6 +188,13 @@ class BatchTimer(TimerCallback):
     def before_validate(self):
         if self._skip: return
         self._cur_split = 'valid' if self._trained else 'get_preds' if hasattr(self.learn, 'gather_preds') else 'validate'
+        self._started()
+
+    def _started(self):
+        "Note the length of the split-epoch starting now, and how many of its batches warm up: `warmup`, but at most all but one"
+        n = len(self.learn.dl)
+        self.lengths[(self.n_runs, self.learn.epoch if self._cur_split in ('train', 'valid') else 0, SPLITS.index(self._cur_split))] = n
+        self._warm = min(self.warmup, max(n - 1, 0))
 
     def after_batch(self):
         "Turn the batch's marks into a row (its device times follow once its events have completed)"
@@ -197,11 +205,11 @@ class BatchTimer(TimerCallback):
         split,it,bs = self._cur_split,self.learn.iter,find_bs(self.learn.yb or self.learn.xb)
         row = [self.n_runs, self.learn.epoch if split in ('train','valid') else 0, it, bs, SPLITS.index(split),
                OUTCOMES.index(_outcome(keys, split == 'train'))] + host + [np.nan]*7
-        i = self.rows.append(row)
-        self._add('host', split, it, bs, host)
+        i,warm = self.rows.append(row),it < self._warm
+        self._add('host', split, warm, bs, host)
         if self._device:
             self._dstart = dkeys[-1], evs[-1]   # the next batch starts on this event: it is reused once that batch is read
-            self._device.later(evs, partial(self._device_times, i, split, it, bs, dkeys), reuse=evs[:-1])
+            self._device.later(evs, partial(self._device_times, i, split, warm, bs, dkeys), reuse=evs[:-1])
         if self._log: self._log.maybe_log()
 
     def after_epoch(self):
@@ -217,15 +225,15 @@ class BatchTimer(TimerCallback):
         if self._log: self._log.finish(self.summary() if self.rows.n else None); self._log = None
         if self.learn is not None and self._head in self.learn.cbs: self.learn.remove_cb(self._head)
 
-    def _device_times(self, i, split, it, bs, keys, durations):
+    def _device_times(self, i, split, warm, bs, keys, durations):
         "Store the device times of row `i`, once its events have completed"
         dev = _ns_list(phase_times(keys, durations))
         self.rows.set(i, _DEVICE, dev)
-        self._add('device', split, it, bs, dev)
+        self._add('device', split, warm, bs, dev)
 
-    def _add(self, clock, split, it, bs, ns):
-        "Add a batch's times on `clock` to the running aggregates and the W&B window"
-        if it >= self.warmup: _stats(self.stats, (clock, split)).add(ns, bs)
+    def _add(self, clock, split, warm, bs, ns):
+        "Add a batch's times on `clock` to the running aggregates (unless it is a `warm`-up batch) and the W&B window"
+        if not warm: _stats(self.stats, (clock, split)).add(ns, bs)
         if self._log and split in ('train', 'valid'): self._log.add(split, ns, bs, prefix='device_' if clock == 'device' else '')
 
     def _resolve(self, wait=False):
@@ -256,6 +264,12 @@ class BatchTimer(TimerCallback):
         df['samples_per_s'] = df.bs / df.total_ms * 1e3
         return df.drop(columns=[c for c in t if c.startswith('device_') and df[c].isna().all()])
 
+    def _kept(self, a, warmup):
+        "Which rows of `a` (`rows.array()`) come after the warm-up: each split-epoch leaves out its first `warmup` batches, but at most all but one"
+        groups, idx = np.unique(a[:, [0, 1, 4]].astype(int), axis=0, return_inverse=True)
+        n = np.array([self.lengths.get(tuple(g), np.inf) for g in groups.tolist()])
+        return a[:, 2] >= np.minimum(warmup, np.maximum(n - 1, 0))[idx.reshape(-1)]
+
     def _clock_of(self, clock):
         "The clock `clock` names ('host' or 'device'): 'auto' is 'device' when device times were recorded, else 'host'"
         clock = check_clock(clock, instances=False)
@@ -264,20 +278,20 @@ class BatchTimer(TimerCallback):
         return 'device' if not np.isnan(self.rows.array()[:, _DEVICE.stop-1]).all() or any(k[0] == 'device' for k in self.stats) else 'host'
 
     def summary(self,
-        warmup:int|None=None, # batches left out per split and epoch; `None`: the timer's `warmup`
+        warmup:int|None=None, # batches left out per split and epoch (all but its last at most); `None`: the timer's `warmup`
         clock:str='auto', # 'device', 'host', or 'auto': device times when there are any (a model on CUDA), else host times
         phases:list|None=None, # phases to show (`PHASES` and 'total'); `None`: all
     ):
-        "Per split and phase: n, mean, std, p50, p90, p99 (ms), total (s), % of the batch total, and samples/s; `.attrs['clock']` names the clock"
+        "Per split and phase: n, mean, std, p50, p90, p99 (ms), total (s), % of the batch total, and samples/s, after each split-epoch's warm-up (all but its last batch at most); `.attrs['clock']` names the clock"
         warmup = self.warmup if warmup is None else check_int('warmup', warmup, 0)
         phases = [check_choice('phase', p, PHASES + ('total',)) for p in phases] if phases is not None else list(PHASES) + ['total']
         clock = self._clock_of(clock)
         parts = []
         if not self.rows.dropped:
             a = self.rows.array()
-            cols = _HOST if clock == 'host' else _DEVICE
+            cols,kept = (_HOST if clock == 'host' else _DEVICE),self._kept(a, warmup)
             for code,split in enumerate(SPLITS):
-                r = a[(a[:, 4] == code) & (a[:, 2] >= warmup) & ~np.isnan(a[:, cols][:, -1])]
+                r = a[(a[:, 4] == code) & kept & ~np.isnan(a[:, cols][:, -1])]
                 if len(r): parts.append(_summary_rows(split, len(r), r[:, cols].sum(0), (r[:, cols]**2).sum(0),
                                                       np.percentile(r[:, cols], [50, 90, 99], axis=0), r[:, 3].sum()))
         else:
@@ -297,7 +311,7 @@ class BatchTimer(TimerCallback):
     def plot(self,
         splits:list|None=None, # splits to draw; `None`: every recorded split
         clock:str='auto', # 'device', 'host', or 'auto': device times when there are any (a model on CUDA), else host times
-        warmup:int|None=None, # batches shaded and left out of the distributions; `None`: the timer's `warmup`
+        warmup:int|None=None, # batches shaded and left out of the distributions (all but the last of a split-epoch at most); `None`: the timer's `warmup`
         figsize=None):
         "Per split: stacked per-batch phase times, and each phase's distribution after warm-up; the titles name the clock"
         import matplotlib.pyplot as plt
@@ -305,6 +319,7 @@ class BatchTimer(TimerCallback):
         clock = self._clock_of(clock)
         if not self.rows.n: raise ValueError("BatchTimer has no batches to plot: fit, validate or get_preds first")
         df,pre = self.df,('device_' if clock == 'device' else '')
+        df['kept'] = self._kept(self.rows.array(), warmup)
         if f'{pre}total_ms' not in df: raise ValueError(f"BatchTimer has no {clock} times (device times need a model on CUDA)")
         have = [s for s in SPLITS if (df.split == s).any()]
         splits = have if splits is None else [check_choice('split', s, have) for s in splits]
@@ -314,9 +329,9 @@ class BatchTimer(TimerCallback):
             d = df[df.split == split].reset_index(drop=True)
             tl.stackplot(d.index, *[d[f'{pre}{p}_ms'] for p in PHASES], labels=PHASES, colors=[PHASE_COLORS[p] for p in PHASES], step='mid')
             for i in d.index[(d.epoch.diff() != 0) & (d.index > 0)]: tl.axvline(i - .5, color='k', ls='--', lw=.8)
-            for i in d.index[d.iter < warmup]: tl.axvspan(i - .5, i + .5, color='k', alpha=.08, lw=0)
+            for i in d.index[~d.kept]: tl.axvspan(i - .5, i + .5, color='k', alpha=.08, lw=0)
             tl.set(title=f'{split}: time per batch ({clock})', xlabel='batch', ylabel='ms', xlim=(-.5, len(d) - .5))
-            kept = d[d.iter >= warmup]
+            kept = d[d.kept]
             used = [p for p in PHASES if (kept[f'{pre}{p}_ms'] > 0).any()]  # e.g. no backward or step in valid
             if used:
                 dist.boxplot([kept[f'{pre}{p}_ms'].clip(lower=1e-4) for p in used], orientation='horizontal', tick_labels=used)

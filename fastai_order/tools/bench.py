@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes, ctypes.util
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from fastcore.script import call_parse, store_true
 from fastai.vision.models import xresnet as fxr
 from ..model.order import LayerOrder, list_presets
@@ -17,12 +16,13 @@ from ..model.layers import ordered_xresnet, ordered_cnn, XRESNET_ARCHS
 from ..rewrite.swap import swap_order
 from ..experiment.run import ARCHS
 from ..experiment.setting import Setting
+from ..experiment.speed import train_step, eval_call
 from ..timing.paired import paired_times, paired_ratios
 from ..core.checks import cli_errors, check_choice, check_int, check_bool
 
 # %% auto #0
-__all__ = ['keep_freed_memory', 'train_step', 'time_train_steps', 'compare_train_steps', 'eval_call', 'time_eval', 'compare_eval',
-           'bench_models', 'bench_settings', 'bench', 'demo']
+__all__ = ['keep_freed_memory', 'time_train_steps', 'compare_train_steps', 'time_eval', 'compare_eval', 'bench_models',
+           'bench_settings', 'bench', 'demo']
 
 # %% ../../nbs/tools/01_bench.ipynb #09c3f107
 def keep_freed_memory() -> bool:
@@ -33,17 +33,6 @@ def keep_freed_memory() -> bool:
     return all(mallopt(k, v) == 1 for k,v in ((M_MMAP_THRESHOLD, 32<<20), (M_TRIM_THRESHOLD, 2**31-1), (M_TOP_PAD, 1<<30)))
 
 # %% ../../nbs/tools/01_bench.ipynb #bb5343b7
-def train_step(model, x, y, setting:Setting|None=None):
-    "A callable of no arguments: one train step of `model` on batch `x`, `y` (forward and loss under `setting`'s autocast, backward, SGD step)"
-    setting = setting or Setting(str(x.device))
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    def step():
-        with setting.autocast(): loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step(); opt.zero_grad()
-    return step
-
 def time_train_steps(model, x, y, steps=10, setting:Setting|None=None) -> float:
     "Seconds per train step of `model` on batch `x`, `y` under `setting`, over `steps` steps after as many to warm up (allocations, optimizer state, compilation)"
     setting = setting or Setting(str(x.device))
@@ -60,13 +49,6 @@ def compare_train_steps(models:dict, bs=32, size=64, c_in=3, n_out=10, steps=10,
     return pd.DataFrame(dict(model=r.arm, ms_per_step=1e3*r.seconds, ratio=r.ratio, ratio_min=r.ratio_min, ratio_max=r.ratio_max))
 
 # %% ../../nbs/tools/01_bench.ipynb #416c6879
-def eval_call(model, x, setting:Setting|None=None):
-    "A callable of no arguments: one forward call of `model` on `x` in inference mode under `setting`'s autocast"
-    setting = setting or Setting(str(x.device))
-    def call():
-        with torch.inference_mode(), setting.autocast(): model(x)
-    return call
-
 def time_eval(model, x, calls=2, setting:Setting|None=None) -> float:
     "Seconds per forward call of `model` on `x` in inference mode under `setting`'s autocast and clock, after a warm-up"
     setting = setting or Setting(str(x.device))
