@@ -53,13 +53,18 @@ def comparison_plan(orders, config:RunConfig|None=None, seeds:int=3, only:tuple|
     grid, given = _plan(orders, config, seeds)
     return grid if only is None else [_single(grid, given, config, seeds, only)]
 
+def _check_min_effect(v):
+    "`v` if it is a difference in accuracy points > 0"
+    if not check_number('min_effect', v, 0) > 0: raise ValueError(f"`min_effect` must be a number of accuracy points > 0, got {v!r}")
+    return v
+
 # %% ../../nbs/experiment/07_compare.ipynb #c2c9ff56
 def compare_orders(orders=('resnet', 'bn_after', 'pool_before_bn'), config:RunConfig|None=None, seeds:int=3, out='order_comparison',
                    only:tuple|None=None, experiment:str|None=None, engine='local', learner=None, min_effect:float=0.5, **settings) -> Comparison:
     "Train every run of `orders` × `seeds` not yet in `out` (`config`, or `RunConfig(**settings)`; with `learner`, a function building your `Learner` from a seed) on `engine`, time each order's steps paired, then the statistics and the report"
     config = config.replace(**settings) if config and settings else config or RunConfig(**settings)
     if learner is not None: config = config.replace(learner=learner_id(learner))   # its identity: a resumed comparison cannot mix two
-    check_number('min_effect', min_effect, 0)
+    _check_min_effect(min_effect)
     grid, given = _plan(orders, config, seeds)   # once: the runs to train, the report's and the orders' models come from it
     todo = grid if only is None else [_single(grid, given, config, seeds, only)]
     engine = get_engine(engine)
@@ -149,12 +154,14 @@ def compare_cli(
     cpus_per_run:float=1, # ray: CPUs each run reserves (its data loader workers need them too)
     gpus_per_run:float=0, # ray: GPUs each run reserves
     scheduler:str=None, # print this grid as a W&B sweep configuration (wandb) or a SLURM job-array script (slurm), and train nothing
+    min_effect:float=0.5, # the smallest accuracy difference (points) worth detecting: the report says how many seeds would detect it
     **settings, # the settings of every run, `RunConfig`'s: --data, --arch, --epochs, … (see `setting_flags`)
 ):
     "Compare layer orders: each order × seed trained, then statistics against the first order, a report and figures in `out`"
     if unknown := set(settings) - set(setting_flags()): raise TypeError(f"compare_cli() got unexpected settings: {', '.join(sorted(unknown))}")
     with cli_errors('fastai-order-compare', f"the finished runs are kept in {out}: run the same command again to resume"):
         only = _parse_only(run, order, seed)
+        _check_min_effect(min_effect)
         config = RunConfig(**settings)
         orders = orders.split(',')
         ray = check_choice('engine', engine, list(ENGINES)) == 'ray'
@@ -166,7 +173,7 @@ def compare_cli(
             return print(scheduler_config(scheduler, orders, config, seeds, out, cpus_per_run, gpus_per_run))
         if ray: engine = RayEngine(address, cpus_per_run, gpus_per_run)
         if dry_run: return _dry_run(orders, config, seeds, out, only)
-        res = compare_orders(orders, config, seeds, out, only, engine=engine)
+        res = compare_orders(orders, config, seeds, out, only, engine=engine, min_effect=min_effect)
         if res is None: return   # a rank other than 0 of a data-parallel comparison
     print(res.table())
     if not only: print(f"\nreport and figures: {Path(out)/'report.md'}")
