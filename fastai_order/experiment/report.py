@@ -16,6 +16,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullForm
 from fastcore.basics import store_attr, patch
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower, TTestIndPower
+import statsmodels.tools.sm_exceptions   # its warning filters, set here once, so that `_quiet`'s come first
 from ..timing.batch_timer import PHASES, PHASE_COLORS
 from ..timing.paired import ratio_interval
 from .run import CONTEXT_TYPES
@@ -84,12 +85,15 @@ def seeds_needed(diff, sd, paired=True, power=0.8, alpha=0.05, cap=SEEDS_CAP) ->
     diff, sd = abs(float(diff)), float(sd)
     if not (np.isfinite(diff) and np.isfinite(sd) and sd > 0): return math.nan
     d, test = diff/sd, (TTestPower() if paired else TTestIndPower())
-    z = scipy.stats.norm.ppf(1 - alpha/2) + scipy.stats.norm.ppf(power)
-    if d == 0 or (z/d)**2 * (1 if paired else 2) > cap: return math.inf   # the normal approximation: below the t-test's n
-    with _quiet():
-        if test.power(d, 2, alpha) >= power: return 2.0
-        n = float(np.squeeze(test.solve_power(effect_size=d, alpha=alpha, power=power)))
-    return math.inf if not np.isfinite(n) or n > cap else float(math.ceil(n))
+    with _quiet():   # the smallest n whose power is enough: power grows with n
+        enough = lambda n: not test.power(d, n, alpha) < power   # NaN: the power routine's limit, where power is ≈ 1
+        if d == 0 or not enough(cap): return math.inf
+        lo, hi = 2, cap
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if enough(mid): hi = mid
+            else: lo = mid + 1
+    return float(lo)
 
 def ratio_test(ratios, level=0.95) -> tuple:
     "(geometric mean, low, high, p) of paired time ratios, one per repeat: `ratio_interval`'s Student-t interval on their logs, and a one-sample t-test of the logs against 0"
@@ -261,7 +265,7 @@ class Comparison:
             if len(big) and (s.acc_test != 'none').any():
                 r = big.loc[big.d_acc.abs().idxmax()]
                 acc += f": for {r.order}, {_seeds_words(r, self.min_effect)}." if _seeds_words(r, self.min_effect) else '.'
-            elif not acc.endswith('.'): acc += ': the orders tied in every seed.' if (s.d_acc_sd == 0).all() else '.'
+            elif not acc.endswith('.'): acc += ': every seed gave the same difference, so there is no spread to size a study from.' if (s.d_acc_sd == 0).all() else '.'
         return [speed, acc, self._tradeoff(s)]
 
     def _tradeoff(self, s) -> str:
@@ -313,7 +317,7 @@ class Comparison:
         cols = _context_cols(self.runs)
         return (self.runs.groupby(cols, dropna=False).agg(runs=('order', 'size'), max_other_load=('other_load', 'max')).reset_index())
 
-# %% ../../nbs/experiment/04_report.ipynb #37278576
+# %% ../../nbs/experiment/04_report.ipynb #85b018b3
 def _histories(runs) -> pd.DataFrame:
     "The runs' per-epoch histories, a row per run and epoch (order, seed, epoch, train_loss, valid_loss, accuracy); empty where none was kept"
     if 'history' not in runs: return pd.DataFrame()
@@ -338,7 +342,7 @@ def plot_accuracy(self:Comparison, ax=None):
     ax = ax or plt.subplots(figsize=(6, 0.8 + 0.5*len(self.orders)))[1]
     s = self.stats
     for i, r in enumerate(s.itertuples()):
-        err = [[r.acc - r.acc_lo], [r.acc_hi - r.acc]] if _ok(r.acc_lo) else None
+        err = np.clip([[r.acc - r.acc_lo], [r.acc_hi - r.acc]], 0, None) if _ok(r.acc_lo) else None
         ax.errorbar(r.acc, i, xerr=err, fmt='o', color='#4c72b0', capsize=4)
         acc = 100*self.runs.accuracy[self.runs.order == r.order]
         ax.plot(acc, [i + 0.15]*len(acc), 'k.', ms=4, alpha=0.6)
@@ -418,7 +422,7 @@ def plot_tradeoff(self:Comparison, ax=None):
         g = self.runs[self.runs.order == r.order]
         x, lo, hi = (r.train_x, r.train_lo, r.train_hi) if paired else (r.train_ms, r.train_ms/r.train_ms_factor, r.train_ms*r.train_ms_factor)
         pts = ax.plot(g.train_ms if not paired else [x]*len(g), 100*g.accuracy, '.', alpha=0.4)[0]
-        ax.errorbar(x, r.acc, xerr=[[x - lo], [hi - x]] if _ok(lo) else None, yerr=[[r.acc - r.acc_lo], [r.acc_hi - r.acc]] if _ok(r.acc_lo) else None,
+        ax.errorbar(x, r.acc, xerr=[[x - lo], [hi - x]] if _ok(lo) else None, yerr=np.clip([[r.acc - r.acc_lo], [r.acc_hi - r.acc]], 0, None) if _ok(r.acc_lo) else None,
                     fmt='o', color=pts.get_color(), capsize=4, label=r.order)
     ax.set_xscale('log')
     ax.set_xlabel((f"train step time, × {self.baseline}'s" if paired else 'train ms per batch, whole runs') + ', log scale (faster ←)')
@@ -426,7 +430,7 @@ def plot_tradeoff(self:Comparison, ax=None):
     _plain_log_axis(ax)
     return ax
 
-# %% ../../nbs/experiment/04_report.ipynb #91a94dba
+# %% ../../nbs/experiment/04_report.ipynb #19966caa
 @patch
 def notes(self:Comparison) -> list:
     "What a reader must know before trusting the answer: where the speed comes from, mixed contexts, a busy machine, wide intervals, partial orders, missing curves"
