@@ -151,7 +151,7 @@ def _verdict(r, nb, alpha) -> str:
     "Plain words for one order against the baseline (`nb` runs): speed from Holm-adjusted p, then accuracy"
     if r['acc_test'] == 'none': acc = f"no test with a single run (n={r['n']} vs {nb})"
     elif not np.isfinite(r['p_acc']): acc = f"accuracy: {r['acc_n']} seeds, too few for a test"
-    elif r['p_acc_holm'] < alpha: acc = f"{'more' if r['d_acc'] > 0 else 'less'} accurate ({r['d_acc']:+.2f} points)"
+    elif r['p_acc_holm'] < alpha: acc = f"{'more' if r['d_acc'] > 0 else 'less'} accurate ({r['d_acc']:+.2f} points)".replace('-', '−')
     else: acc = f"accuracy not distinguishable at n={r['acc_n']}"
     if r['acc_test'] == 'none' and not np.isfinite(r['p_train']) and not np.isfinite(r['p_infer']): return acc
     return f"{_speed_word('train step', r['train_x'], r['p_train_holm'], alpha)}, {_speed_word('inference', r['infer_x'], r['p_infer_holm'], alpha)}; {acc}"
@@ -246,13 +246,18 @@ class Comparison:
         if not len(s): return [f"Only {b} was run: there is nothing to compare it with."]
         src = ("timed paired, step by step" if (s.speed_from == 'paired steps').all() else
                "timed from whole runs, one after another, with no paired step timing: weaker evidence")
-        fast = sorted((r for r in s.itertuples() if self._sig(r.p_train_holm) or self._sig(r.p_infer_holm)), key=lambda r: r.train_x)
-        rest = [o for o in s.order if o not in {r.order for r in fast}]
-        if fast: speed = (f"Against {b} ({src}), " + '; '.join(
-            f"{r.order}'s {self._step_words(r, 'train', 'train step')} and its {self._step_words(r, 'infer', 'inference')}" for r in fast)
-            + (f"; {', '.join(rest)} {'is' if len(rest) == 1 else 'are'} not distinguishable in speed." if rest else '.'))
-        else: speed = f"No order is distinguishable from {b} in speed ({src})" + (
-            f": {s.order.iloc[0]}'s {self._step_words(s.iloc[0], 'train', 'train step')}, its {self._step_words(s.iloc[0], 'infer', 'inference')}." if len(s) == 1 else '.')
+        faster = lambda r: any(self._sig(getattr(r, f'p_{c}_holm')) and getattr(r, f'{c}_x') < 1 for c in ('train', 'infer'))
+        fast = sorted(filter(faster, s.itertuples()), key=lambda r: r.train_x if self._sig(r.p_train_holm) else 1)
+        short = lambda r: ', '.join(f"{w} ×{getattr(r, c + '_x'):.2f}" for c, w in (('train', 'train step'), ('infer', 'inference'))
+                                    if self._sig(getattr(r, f'p_{c}_holm')))
+        slow, same = [r for r in s.itertuples() if short(r) and not faster(r)], [r.order for r in s.itertuples() if not short(r)]
+        one = f": {s.order.iloc[0]}'s {self._step_words(s.iloc[0], 'train', 'train step')}, its {self._step_words(s.iloc[0], 'infer', 'inference')}"
+        if fast: speed = (f"Against {b} ({src}), {fast[0].order} is the fastest: its {self._step_words(fast[0], 'train', 'train step')} "
+                          f"and its {self._step_words(fast[0], 'infer', 'inference')}")
+        elif slow: speed = f"No order is faster than {b} ({src})" + (one if len(s) == 1 else '')
+        else: speed = f"No order is distinguishable from {b} in speed ({src})" + (one if len(s) == 1 else '')
+        groups = {'also faster': fast[1:], 'slower': slow if len(s) > 1 or fast else [], 'not distinguishable in speed': same if fast or slow else []}
+        speed += ''.join(f"; {k}: " + ', '.join(r if isinstance(r, str) else f"{r.order} ({short(r)})" for r in g) for k, g in groups.items() if g) + '.'
         sig = s[[self._sig(p) for p in s.p_acc_holm]]
         if len(sig): acc = '; '.join(f"{r.order} is {'more' if r.d_acc > 0 else 'less'} accurate than {b} by {abs(r.d_acc):.2f} points "
                                      f"(95 % CI {_pts(r.d_acc_lo)} to {_pts(r.d_acc_hi)}; {r.acc_test}, n={r.acc_n})" for r in sig.itertuples()) + '.'
@@ -317,7 +322,7 @@ class Comparison:
         cols = _context_cols(self.runs)
         return (self.runs.groupby(cols, dropna=False).agg(runs=('order', 'size'), max_other_load=('other_load', 'max')).reset_index())
 
-# %% ../../nbs/experiment/04_report.ipynb #85b018b3
+# %% ../../nbs/experiment/04_report.ipynb #ac585743
 def _histories(runs) -> pd.DataFrame:
     "The runs' per-epoch histories, a row per run and epoch (order, seed, epoch, train_loss, valid_loss, accuracy); empty where none was kept"
     if 'history' not in runs: return pd.DataFrame()
@@ -430,7 +435,7 @@ def plot_tradeoff(self:Comparison, ax=None):
     _plain_log_axis(ax)
     return ax
 
-# %% ../../nbs/experiment/04_report.ipynb #19966caa
+# %% ../../nbs/experiment/04_report.ipynb #3dd91ecc
 @patch
 def notes(self:Comparison) -> list:
     "What a reader must know before trusting the answer: where the speed comes from, mixed contexts, a busy machine, wide intervals, partial orders, missing curves"
@@ -473,7 +478,7 @@ def markdown(self:Comparison) -> str:
            + f" p-values are Holm-adjusted within accuracy and within speed; verdicts at α = {self.alpha:g}. P(better) is rliable's probability "
            "of improvement: the chance that a run of the order beats a run of the baseline. Seeds needed: 80 % power, from the observed spread.")
     figs = '\n'.join(f"![{n}]({n}.png)" for n in self.figures())
-    return (f"# Order comparison\n\n{' '.join(self.headline())}\n\n{cfg}; seeds: {sorted(self.runs.seed.unique().tolist())}\n\n{self.table()}\n\n"
+    return (f"# Order comparison\n\n{' '.join(self.headline())}\n\n{cfg + '; ' if cfg else ''}seeds: {sorted(self.runs.seed.unique().tolist())}\n\n{self.table()}\n\n"
             + (f"## Tests against {self.baseline}\n\n{self.tests()}\n\n{how}\n\n" if len(sp) else '')
             + (f"## Read before trusting the answer\n\n{notes}\n\n" if notes else '')
             + f"## Where the times come from\n\n{_markdown_table(self.contexts())}\n\n## Figures\n\n{figs}\n")
