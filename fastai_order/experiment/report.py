@@ -108,13 +108,10 @@ def ratio_test(ratios, level=0.95) -> tuple:
 # %% ../../nbs/experiment/04_report.ipynb #62327627
 MIN_TEST = 3   # seeds (pairs, or runs per order) for an accuracy interval and test: at n=2, t(0.975, 1) = 12.7 makes an interval meaningless
 
-def _pairs(g, b) -> pd.DataFrame:
-    "Accuracy in % of the order's runs `g` and the baseline's `b` on the seeds they share: a row per seed"
-    return (g.groupby('seed').accuracy.mean().to_frame('order').join(b.groupby('seed').accuracy.mean().rename('base'), how='inner')*100)
-
 def _acc_cols(g, b, min_effect) -> dict:
     "The accuracy of runs `g` against the baseline's `b`, in points: paired t on shared seeds, else Welch; P(improvement); seeds needed"
-    a, base, pairs = 100*g.accuracy.to_numpy(float), 100*b.accuracy.to_numpy(float), _pairs(g, b)
+    a, base = 100*g.accuracy.to_numpy(float), 100*b.accuracy.to_numpy(float)
+    pairs = g.groupby('seed').accuracy.mean().to_frame('order').join(b.groupby('seed').accuracy.mean().rename('base'), how='inner')*100
     paired = len(pairs) >= 2
     row = dict(acc_test='paired t' if paired else 'Welch' if min(len(a), len(base)) >= 2 else 'none',
                acc_n=len(pairs) if paired else min(len(a), len(base)), d_acc=a.mean() - base.mean(), d_acc_sd=np.nan,
@@ -200,13 +197,11 @@ def _fmt_acc(r):
     if r.acc_sd == 0: return f"{r.acc:.2f} (the same in every seed)"
     if not _ok(r.acc_lo): return f"{r.acc:.2f} ({r.n} seeds: too few for an interval)"
     return f"{r.acc:.2f} ({r.acc_lo:.2f}–{r.acc_hi:.2f})"
-
 def _fmt_dacc(r):
     if r.acc_test in ('', 'none'): return '—'
     if r.d_acc_sd == 0: return 'the same in every seed' if abs(r.d_acc) < 1e-9 else f"{_pts(r.d_acc)} in every seed"
     if not _ok(r.d_acc_lo): return f"{_pts(r.d_acc)} ({r.acc_n} seeds: too few for an interval)"
     return f"{_pts(r.d_acc)} ({_pts(r.d_acc_lo)} to {_pts(r.d_acc_hi)})"
-
 def _fmt_x(r, col):
     x, lo = getattr(r, f'{col}_x'), getattr(r, f'{col}_lo')
     if not _ok(x): return '—'
@@ -232,6 +227,9 @@ class Comparison:
         self.baseline = baseline or self.orders[0]
         self.stats = order_stats(runs, self.orders, self.baseline, speed, min_effect, alpha)
 
+    def _repr_markdown_(self): return self.markdown()
+    def __repr__(self): return self.table()
+
     def _sig(self, p): return _ok(p) and p < self.alpha
     def _step_words(self, r, col, step):
         x, lo, hi, p = (getattr(r, k) for k in (f'{col}_x', f'{col}_lo', f'{col}_hi', f'p_{col}_holm'))
@@ -241,7 +239,7 @@ class Comparison:
 
     def headline(self) -> list:
         "Two or three plain sentences: which order is faster and by how much (train step, inference), which is more accurate (or what n would tell), the trade-off"
-        b, a = self.baseline, self.alpha
+        b = self.baseline
         s = self.stats[self.stats.order != b]
         if not len(s): return [f"Only {b} was run: there is nothing to compare it with."]
         src = ("timed paired, step by step" if (s.speed_from == 'paired steps').all() else
@@ -263,7 +261,7 @@ class Comparison:
                                      f"(95 % CI {_pts(r.d_acc_lo)} to {_pts(r.d_acc_hi)}; {r.acc_test}, n={r.acc_n})" for r in sig.itertuples()) + '.'
         else:
             n, tests = s.acc_n.max(), ' and '.join(sorted(set(s.acc_test) - {'none'}))
-            if (s.acc_test == 'none').all(): acc = "Accuracy cannot be tested with one run per order: 3 or more seeds can tell."
+            if (s.acc_test == 'none').all(): acc = f"Accuracy cannot be tested with one run per order: {MIN_TEST} or more seeds can tell."
             elif s.p_acc.isna().all(): acc = f"With {n} seeds accuracy is not tested (too few for an interval)"
             else: acc = f"No order is more or less accurate than {b} at n={n} ({tests}, Holm-adjusted)"
             big = s[s.seeds_needed.notna()]
@@ -322,7 +320,7 @@ class Comparison:
         cols = _context_cols(self.runs)
         return (self.runs.groupby(cols, dropna=False).agg(runs=('order', 'size'), max_other_load=('other_load', 'max')).reset_index())
 
-# %% ../../nbs/experiment/04_report.ipynb #ac585743
+# %% ../../nbs/experiment/04_report.ipynb #d0217062
 def _histories(runs) -> pd.DataFrame:
     "The runs' per-epoch histories, a row per run and epoch (order, seed, epoch, train_loss, valid_loss, accuracy); empty where none was kept"
     if 'history' not in runs: return pd.DataFrame()
@@ -435,7 +433,7 @@ def plot_tradeoff(self:Comparison, ax=None):
     _plain_log_axis(ax)
     return ax
 
-# %% ../../nbs/experiment/04_report.ipynb #3dd91ecc
+# %% ../../nbs/experiment/04_report.ipynb #beb0c5fc
 @patch
 def notes(self:Comparison) -> list:
     "What a reader must know before trusting the answer: where the speed comes from, mixed contexts, a busy machine, wide intervals, partial orders, missing curves"
@@ -502,8 +500,3 @@ def save(self:Comparison, folder) -> Path:
             with atomic_path(folder/f'{name}.png') as tmp: fig.savefig(tmp, dpi=120, bbox_inches='tight', format='png')
             plt.close(fig)
     return atomic_write(folder/'report.md', self.markdown())
-
-@patch
-def _repr_markdown_(self:Comparison): return self.markdown()
-@patch
-def __repr__(self:Comparison): return self.table()
