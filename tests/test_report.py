@@ -138,7 +138,7 @@ def test_speed_comes_from_paired_ratios_holm_adjusted_over_train_and_inference()
 def test_a_single_run_two_seeds_and_tied_seeds_are_said_in_words():
     one = Comparison(runs(1))
     assert one.stats.verdict.tolist()[1:] == ['no test with a single run (n=1 vs 1)']*2
-    assert '(one run)' in one.table() and '±' not in one.table()
+    assert '(one run)' in one.table() and '±' not in one.table() and '(one run)' in one.whole_runs()
     assert 'one run per order' in ' '.join(one.headline())
     two = Comparison(runs(2), speed=speed())
     t = two.table()
@@ -181,7 +181,8 @@ def test_the_report_answers_first_then_tables_notes_contexts_figures(tmp_path):
     assert trade.startswith(f'So {POOL} trains faster than {BASE}')
     md = c.markdown()
     assert md.startswith('# Order comparison\n\n' + speed_s) and md.index('| order | n |') < md.index('## Tests against') < md.index('## Where the times come from')
-    assert 'p (Holm)' in md and '![curves](curves.png)' in md and '![speed](speed.png)' in md
+    assert md.index('## Tests against') < md.index('## Whole runs') < md.index('## Where the times come from')
+    assert '| conv-pool-bn-act | 3 | 7' in c.whole_runs() and 'p (Holm)' in md and '![curves](curves.png)' in md and '![speed](speed.png)' in md
     assert set(c.verdicts()) == {BASE, ACT, POOL} and c.verdicts()[BASE] == 'baseline'
     old = Comparison(runs(3, hist=False))
     assert 'whole runs' in old.headline()[0] and 'whole runs' in old.notes()[0] and 'no per-epoch history' in old.notes()[-1]

@@ -155,7 +155,8 @@ def _verdict(r, nb, alpha) -> str:
 
 _STATS_COLS = ['order', 'n', 'acc', 'acc_sd', 'acc_lo', 'acc_hi', 'acc_test', 'acc_n', 'd_acc', 'd_acc_sd', 'd_acc_lo', 'd_acc_hi',
                'p_acc', 'p_acc_holm', 'p_improve', 'seeds_needed', 'seeds_min_effect', 'speed_from', 'train_n', 'train_x', 'train_lo', 'train_hi',
-               'p_train', 'p_train_holm', 'infer_n', 'infer_x', 'infer_lo', 'infer_hi', 'p_infer', 'p_infer_holm', 'train_ms', 'train_ms_factor', 'valid_ms']
+               'p_train', 'p_train_holm', 'infer_n', 'infer_x', 'infer_lo', 'infer_hi', 'p_infer', 'p_infer_holm', 'train_ms', 'train_ms_factor', 'valid_ms',
+               'valid_ms_factor']
 
 def order_stats(runs:pd.DataFrame, orders=None, baseline=None, speed:pd.DataFrame|None=None, min_effect:float=0.5, alpha=0.05) -> pd.DataFrame:
     "Per order against `baseline`: accuracy in % (mean, sd, clipped 95 % CI), its paired or Welch test, train and inference time ratios (paired `speed`, else whole runs), Holm-adjusted p, seeds needed, verdict"
@@ -171,7 +172,7 @@ def order_stats(runs:pd.DataFrame, orders=None, baseline=None, speed:pd.DataFram
                    acc_lo=max(acc - h, 0) if len(g) >= MIN_TEST else np.nan, acc_hi=min(acc + h, 100) if len(g) >= MIN_TEST else np.nan,
                    **(dict(acc_test='', acc_n=len(g), train_n=0, infer_n=0, train_x=1.0, infer_x=1.0, speed_from='paired steps' if speed is not None else 'whole runs')
                       if order == baseline else {**_acc_cols(g, b, min_effect), **_speed_cols(g, b, speed, order, baseline)}),
-                   train_ms=ms, train_ms_factor=ms_f, valid_ms=scipy.stats.gmean(g.valid_ms) if 'valid_ms' in g else np.nan)
+                   train_ms=ms, train_ms_factor=ms_f, **dict(zip(('valid_ms', 'valid_ms_factor'), gmean_ci(g.valid_ms) if 'valid_ms' in g else (np.nan,)*2)))
         rows.append(row)
     st = pd.DataFrame(rows).reindex(columns=_STATS_COLS).astype(dict(acc_n=int, train_n=int, infer_n=int))
     st['p_acc_holm'] = holm(st.p_acc)
@@ -315,12 +316,19 @@ class Comparison:
         return '\n'.join([f"| order | accuracy test | n | p | p (Holm) | P(better than {self.baseline}) | seeds for the observed Δ | seeds for "
                           f"{self.min_effect:g} points | train step p | p (Holm) | inference p | p (Holm) |", '|---'*12 + '|', *rows])
 
+    def whole_runs(self) -> str:
+        "Whole-run train and valid ms per batch (geometric mean, 95 % CI) as a markdown table: context, with data loading and the machine's drift in them"
+        ms = lambda m, f, n: '—' if not _ok(m) else f"{m:.1f} (one run)" if n == 1 else f"{m:.1f} ({m/f:.1f}–{m*f:.1f})"
+        return '\n'.join(["| order | n | train ms per batch (95 % CI) | valid ms per batch (95 % CI) |", "|---|---|---|---|",
+                          *(f"| {r.order} | {r.n} | {ms(r.train_ms, r.train_ms_factor, r.n)} | {ms(r.valid_ms, r.valid_ms_factor, r.n)} |"
+                            for r in self.stats.itertuples())])
+
     def contexts(self) -> pd.DataFrame:
         "Each distinct context the runs' times come from, with its number of runs and the most load other processes put on it"
         cols = _context_cols(self.runs)
         return (self.runs.groupby(cols, dropna=False).agg(runs=('order', 'size'), max_other_load=('other_load', 'max')).reset_index())
 
-# %% ../../nbs/experiment/04_report.ipynb #d0217062
+# %% ../../nbs/experiment/04_report.ipynb #5077daea
 def _histories(runs) -> pd.DataFrame:
     "The runs' per-epoch histories, a row per run and epoch (order, seed, epoch, train_loss, valid_loss, accuracy); empty where none was kept"
     if 'history' not in runs: return pd.DataFrame()
@@ -433,7 +441,7 @@ def plot_tradeoff(self:Comparison, ax=None):
     _plain_log_axis(ax)
     return ax
 
-# %% ../../nbs/experiment/04_report.ipynb #beb0c5fc
+# %% ../../nbs/experiment/04_report.ipynb #6ee19df1
 @patch
 def notes(self:Comparison) -> list:
     "What a reader must know before trusting the answer: where the speed comes from, mixed contexts, a busy machine, wide intervals, partial orders, missing curves"
@@ -478,6 +486,7 @@ def markdown(self:Comparison) -> str:
     figs = '\n'.join(f"![{n}]({n}.png)" for n in self.figures())
     return (f"# Order comparison\n\n{' '.join(self.headline())}\n\n{cfg + '; ' if cfg else ''}seeds: {sorted(self.runs.seed.unique().tolist())}\n\n{self.table()}\n\n"
             + (f"## Tests against {self.baseline}\n\n{self.tests()}\n\n{how}\n\n" if len(sp) else '')
+            + f"## Whole runs\n\nTimes per batch of the runs themselves, data loading included: context for the speed above.\n\n{self.whole_runs()}\n\n"
             + (f"## Read before trusting the answer\n\n{notes}\n\n" if notes else '')
             + f"## Where the times come from\n\n{_markdown_table(self.contexts())}\n\n## Figures\n\n{figs}\n")
 
