@@ -1,8 +1,15 @@
-"Statistics against known values and scipy, and a report that never shows an impossible interval."
-import json
+"Statistics against known values, scipy and statsmodels; a report that answers first, never shows an impossible interval and lets no library warning through."
+import json, math, re, warnings
 import numpy as np, pandas as pd, pytest, scipy.stats
-from fastai_order.experiment.report import mean_ci, gmean_ci, welch, welch_ratio, order_stats, Comparison
+import matplotlib; matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+from statsmodels.stats.power import TTestPower, TTestIndPower
+from fastai_order.experiment.report import (mean_ci, gmean_ci, welch, welch_ratio, paired_t, prob_improvement, holm, seeds_needed, ratio_test,
+                                            order_stats, Comparison, SEEDS_CAP)
+from fastai_order.timing.paired import ratio_interval
 from fastai_order.timing.batch_timer import PHASES
+
+BASE, POOL, ACT = 'conv-bn-act-pool', 'conv-pool-bn-act', 'conv-act-bn-pool'
 
 
 def test_student_t_interval_on_known_data():
@@ -29,46 +36,201 @@ def test_welch_matches_scipy():
     assert ratio == pytest.approx(1.1) and lo < 1.1 < hi
 
 
-def _runs(**ctx):
-    rows = [dict(order=o, seed=s, accuracy=a + 0.001*s, train_ms=ms + s) for o, a, ms in (('a', .90, 100.), ('b', .95, 130.)) for s in range(4)]
-    rows.append(dict(order='c', seed=0, accuracy=0.9, train_ms=100.))
-    base = dict(device='cpu', cpu='x', cores=2, threads=2, python='3.11', torch_version='2', fastai_version='2.8', cuda_version='none',
-                clock='host', other_load=0.0, layer_orders='{}', **{f'train_{p}_ms': 1. for p in PHASES})
-    return pd.DataFrame(rows).assign(**{**base, **ctx})
+def test_paired_t_matches_scipy_and_says_what_ties_mean():
+    a, b = [97.9, 98.1, 97.7, 98.0], [97.8, 97.9, 97.6, 97.7]
+    d, h, p = paired_t(a, b)
+    r = scipy.stats.ttest_rel(a, b)
+    lo, hi = r.confidence_interval(0.95)
+    assert (d, d - h, d + h, p) == pytest.approx((0.175, lo, hi, r.pvalue))
+    assert paired_t([98.0, 97.0], [98.0, 97.0])[1:] == (0.0, 1.0)      # tied in every seed: nothing to detect
+    assert paired_t([98.5, 97.5], [98.0, 97.0])[1:] == (0.0, 0.0)      # the same difference in every seed
+    assert np.isnan(paired_t([98.0], [97.0])[2])
 
 
-def test_order_stats_std_interval_and_verdicts():
-    runs = _runs()
-    st = order_stats(runs)
-    a = runs.accuracy[runs.order == 'b']
-    assert st.acc_std[1] == pytest.approx(a.std(ddof=1)) and st.acc_ci[1] == pytest.approx(mean_ci(a)[1])
-    assert st.verdict[1].startswith('slower: ×1.30 the time') and 'more accurate by 5.0 ± ' in st.verdict[1]
-    assert st.verdict[2] == 'no test with a single run (n=1 vs 4)' and st.n.tolist() == [4, 4, 1]
+def test_probability_of_improvement_is_mann_whitney_u_over_nm():
+    assert prob_improvement([1, 2, 3], [2, 2]) == pytest.approx((0 + 0.5*2 + 2) / 6)
+    x, y = [0.91, 0.93, 0.92, 0.95], [0.90, 0.93, 0.94]
+    assert prob_improvement(x, y) == pytest.approx(scipy.stats.mannwhitneyu(x, y).statistic / 12)
+    assert prob_improvement([1], [0]) == 1 and prob_improvement([0], [0]) == 0.5
 
 
-def test_the_report_says_one_run_and_never_shows_a_negative_interval():
-    runs = _runs()
-    runs.loc[0, 'train_ms'] = 1500.   # one run on a busy machine
-    c = Comparison(runs)
-    last = c.table().splitlines()[-1]
-    assert '(one run)' in last and '±' not in last
-    lo = (c.stats.ms_gmean / c.stats.ms_factor).dropna()
-    assert len(lo) == 2 and (lo > 0).all()
-    ax = c.plot_tradeoff()
-    assert ax.get_xscale() == 'log'
-    ax = c.plot_accuracy()
-    left, right = ax.get_xlim()
-    s = c.stats.dropna(subset=['acc_ci'])
-    assert left <= 100*(s.acc_mean - s.acc_ci).min() and right >= 100*(s.acc_mean + s.acc_ci).max()
+def test_holm_on_the_textbook_example_and_nan():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    out = holm([np.nan, 0.01, 0.04, 0.03])
+    assert np.isnan(out[0]) and out[1:] == pytest.approx([0.03, 0.06, 0.06])
+    assert np.isnan(holm([np.nan])).all()
+
+
+def test_seeds_needed_is_statsmodels_power_rounded_up():
+    assert seeds_needed(0.5, 1, paired=False) == 64       # Cohen's table: d = 0.5, two-sided α = 0.05, 80 % power
+    assert seeds_needed(0.5, 1) == math.ceil(TTestPower().solve_power(0.5, alpha=0.05, power=0.8)) == 34
+    assert seeds_needed(-0.3, 0.2, paired=False) == math.ceil(TTestIndPower().solve_power(1.5, alpha=0.05, power=0.8))
+    assert seeds_needed(30, 1) == 2                        # a huge effect: the fewest a test takes
+    assert seeds_needed(0.01, 1) == math.inf and seeds_needed(0, 1) == math.inf   # beyond the cap, or nothing to detect
+    assert math.isnan(seeds_needed(0.5, 0)) and math.isnan(seeds_needed(0.5, np.nan))
+    assert seeds_needed(1, 1, cap=5) == math.inf and SEEDS_CAP == 1000
+
+
+def test_ratio_test_is_ratio_interval_and_a_t_test_on_logs():
+    r = [0.86, 0.90, 0.88, 0.91, 0.87]
+    g, lo, hi, p = ratio_test(r)
+    assert (g, lo, hi) == pytest.approx(ratio_interval(r)) and p == pytest.approx(scipy.stats.ttest_1samp(np.log(r), 0).pvalue)
+    assert ratio_test([0.9])[0] == pytest.approx(0.9) and np.isnan(ratio_test([0.9])[3])
+    assert ratio_test([1.0, 1.0, 1.0])[3] == 1.0
+
+
+def runs(n=3, accs=None, hist=True, tie=False, seed=0, **ctx):
+    "A runs table: every seed shifts every order alike (the same start), conv-pool-bn-act's whole runs are 12 % shorter"
+    rng, rows = np.random.default_rng(seed), []
+    accs = accs or {BASE: 0.979, ACT: 0.980, POOL: 0.977}
+    for s in range(n):
+        start = 0 if tie else rng.normal(0, 0.004)
+        for o, a in accs.items():
+            acc = a if tie else min(1.0, round(a + start + rng.normal(0, 0.0012), 4))
+            h = [dict(epoch=e, train_loss=1/(e + 1), valid_loss=0.5/(e + 1), accuracy=acc - 0.05/(e + 1)) for e in range(3)]
+            t = 0.88 if o == POOL else 1.0
+            rows.append(dict(order=o, seed=s, accuracy=acc, valid_loss=.07, train_loss=.05, train_ms=90*t*(1 + rng.normal(0, .05)),
+                             valid_ms=30*t*(1 + rng.normal(0, .05)), **{f'train_{p}_ms': 15.*t for p in PHASES}, layer_orders=json.dumps({o: 3}),
+                             device='cpu', cpu='x', cores=2, threads=2, python='3.11', torch_version='2', fastai_version='2.8', cuda_version='none',
+                             clock='host', other_load=0.0, **({'history': json.dumps(h)} if hist else {})))
+    return pd.DataFrame(rows).assign(**ctx)
+
+
+def speed(reps=7, seed=0):
+    "Paired step times: the machine drifts by ±10 % between repeats, conv-pool-bn-act takes ×0.88 (train) and ×0.85 (inference)"
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame([dict(step=step, repeat=r, **{o: 0.05*drift*f*(1 + rng.normal(0, .02)) for o, f in ((BASE, 1), (ACT, 1), (POOL, x))})
+                         for step, x in (('train', .88), ('valid', .85)) for r, drift in enumerate(1 + 0.1*rng.standard_normal(reps))])
+
+
+def test_accuracy_is_paired_by_seed_and_the_pairing_pays():
+    r = runs(5, accs={BASE: 0.970, ACT: 0.975, POOL: 0.970})
+    st = order_stats(r, speed=speed())
+    assert st.acc_test.tolist() == ['', 'paired t', 'paired t'] and st.acc_n.tolist() == [5, 5, 5]
+    a, b = (100*r.accuracy[r.order == o].to_numpy() for o in (ACT, BASE))
+    d, h, p = paired_t(a, b)
+    assert (st.d_acc[1], st.d_acc_lo[1], st.d_acc_hi[1], st.p_acc[1]) == pytest.approx((d, d - h, d + h, p))
+    assert p < welch(a, b)[2]   # the seeds' shared start, taken out
+    assert st.p_improve[1] == pytest.approx(prob_improvement(a, b))
+    assert st.p_acc_holm[1:].tolist() == pytest.approx(holm(st.p_acc[1:]).tolist())
+    assert 'more accurate (+0.' in st.verdict[1]
+    no_shared = r.assign(seed=np.where(r.order == BASE, r.seed + 10, r.seed))   # no seed in common: Welch
+    st = order_stats(no_shared)
+    assert st.acc_test[1] == 'Welch' and st.p_acc[1] == pytest.approx(welch(a, b)[2])
+
+
+def test_speed_comes_from_paired_ratios_holm_adjusted_over_train_and_inference():
+    sp = speed()
+    st = order_stats(runs(), speed=sp)
+    t = sp[sp.step == 'train']
+    g, lo, hi, p = ratio_test(t[POOL] / t[BASE])
+    assert (st.train_x[2], st.train_lo[2], st.train_hi[2], st.p_train[2]) == pytest.approx((g, lo, hi, p))
+    assert st.speed_from.tolist() == ['paired steps']*3 and st.train_n[2] == 7 and st.infer_x[2] == pytest.approx(0.85, abs=0.02)
+    assert np.r_[st.p_train_holm[1:], st.p_infer_holm[1:]] == pytest.approx(holm(np.r_[st.p_train[1:], st.p_infer[1:]]))
+    assert re.match(r'train step faster \(×0\.8\d\), inference faster \(×0\.8\d\)', st.verdict[2]), st.verdict[2]
+    assert st.verdict[1].startswith('train step not distinguishable, inference not distinguishable')
+    old = order_stats(runs())   # an older folder: whole runs, Welch on logs
+    w = runs()
+    assert old.speed_from.tolist() == ['whole runs']*3
+    assert old.train_x[2] == pytest.approx(welch_ratio(w.train_ms[w.order == POOL], w.train_ms[w.order == BASE])[0])
+
+
+def test_a_single_run_two_seeds_and_tied_seeds_are_said_in_words():
+    one = Comparison(runs(1))
+    assert one.stats.verdict.tolist()[1:] == ['no test with a single run (n=1 vs 1)']*2
+    assert '(one run)' in one.table() and '±' not in one.table() and '(one run)' in one.whole_runs()
+    assert 'one run per order' in ' '.join(one.headline())
+    two = Comparison(runs(2), speed=speed())
+    t = two.table()
+    assert '2 seeds: too few for an interval' in t and '±' not in t and two.stats.acc_lo.isna().all()
+    assert 'accuracy: 2 seeds, too few for a test' in two.stats.verdict[1]
+    tied = Comparison(runs(3, accs={BASE: 0.979, ACT: 0.979, POOL: 0.977}, tie=True))
+    rows = {r.split(' | ')[0][2:]: r for r in tied.table().splitlines()[2:]}
+    assert '97.90 (the same in every seed) | the same in every seed |' in rows[ACT] and '0.00' not in rows[ACT].replace('97.90', '')
+    assert '−0.20 in every seed' in rows[POOL] and 'less accurate (−0.20 points)' in rows[POOL]   # no spread at all: the same loss in every seed
+    assert 'accuracy not distinguishable at n=3' in rows[ACT]
+    assert 'the same difference' in Comparison(runs(2, tie=True)).headline()[1]
+
+
+def test_intervals_stay_within_0_and_100_percent():
+    st = order_stats(runs(3, accs={BASE: 0.999, ACT: 0.995, POOL: 0.999}, seed=3))
+    assert (st.acc_hi <= 100).all() and (st.acc_lo >= 0).all()
+    assert (st.acc[0] + st.d_acc_hi[1:] <= 100 + 1e-9).all()
+    ax = Comparison(runs(3, accs={BASE: 0.999, ACT: 0.995, POOL: 0.999}, seed=3)).plot_accuracy()
+    assert 0 <= ax.get_xlim()[0] and ax.get_xlim()[1] <= 100
+    plt.close('all')
+
+
+def test_seeds_needed_said_where_accuracy_is_not_distinguishable():
+    c = Comparison(runs(3), speed=speed(), min_effect=0.5)
+    s = c.stats.set_index('order')
+    assert not (s.p_acc_holm < 0.05).any()
+    pairs = c.runs.pivot(index='seed', columns='order', values='accuracy')*100
+    sd = (pairs[ACT] - pairs[BASE]).std(ddof=1)
+    assert s.seeds_min_effect[ACT] == seeds_needed(0.5, sd) and s.seeds_needed[ACT] == seeds_needed(s.d_acc[ACT], sd)
+    acc = c.headline()[1]
+    assert acc.startswith(f'No order is more or less accurate than {BASE} at n=3 (paired t, Holm-adjusted)')
+    assert 'seeds would detect a 0.' in acc and 'a 0.5-point one (80 % power)' in acc
+
+
+def test_the_report_answers_first_then_tables_notes_contexts_figures(tmp_path):
+    c = Comparison(runs(3), speed=speed(), config=dict(data='mnist'))
+    speed_s, acc_s, trade = c.headline()
+    assert re.match(rf"Against {BASE} \(timed paired, step by step\), {POOL} is the fastest: its train step takes ×0\.8\d the time \(95 % CI ×0\.8\d–0\.\d\d\)", speed_s)
+    assert re.search(r'and its inference takes ×0\.8\d the time', speed_s) and speed_s.endswith(f'; not distinguishable in speed: {ACT}.')
+    assert trade.startswith(f'So {POOL} trains faster than {BASE}')
+    md = c.markdown()
+    assert md.startswith('# Order comparison\n\n' + speed_s) and md.index('| order | n |') < md.index('## Tests against') < md.index('## Where the times come from')
+    assert md.index('## Tests against') < md.index('## Whole runs') < md.index('## Where the times come from')
+    assert '| conv-pool-bn-act | 3 | 7' in c.whole_runs() and 'p (Holm)' in md and '![curves](curves.png)' in md and '![speed](speed.png)' in md
+    assert set(c.verdicts()) == {BASE, ACT, POOL} and c.verdicts()[BASE] == 'baseline'
+    old = Comparison(runs(3, hist=False))
+    assert 'whole runs' in old.headline()[0] and 'whole runs' in old.notes()[0] and 'no per-epoch history' in old.notes()[-1]
+    assert 'curves' not in old.figures() and 'whole runs' in old.table().splitlines()[0]
+
+
+def test_the_summary_for_wandb_is_flat_numbers_and_words():
+    c = Comparison(runs(3), speed=speed())
+    s = c.summary()
+    assert s['answer'] == ' '.join(c.headline()) and s['baseline'] == BASE and s[f'{POOL}/verdict'] == c.verdicts()[POOL]
+    assert s[f'{POOL}/train_x'] == pytest.approx(c.stats.train_x[2]) and f'{POOL}/p_acc_holm' in s
+    assert all(isinstance(v, str) or (isinstance(v, (int, float)) and math.isfinite(v)) for v in s.values())
+    json.dumps(s)
+
+
+@pytest.mark.parametrize('n, paired, hist, tie', [(1, True, True, False), (2, False, False, True), (3, True, True, False), (3, False, True, False)])
+def test_no_library_warning_reaches_the_user_and_every_figure_is_saved(tmp_path, n, paired, hist, tie):
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        c = Comparison(runs(n, hist=hist, tie=tie), speed=speed() if paired else None)
+        c.markdown(); c.summary(); c.save(tmp_path)
+    names = {'speed', 'accuracy', 'seeds', 'phases', 'tradeoff', *(['curves'] if hist else [])}
+    assert {p.stem for p in tmp_path.glob('*.png')} == names and all((tmp_path/f'{n}.png').stat().st_size > 1000 for n in names)
+    assert not list(tmp_path.glob('*.tmp*'))
+
+
+def test_log_axes_read_as_plain_numbers_and_the_phases_legend_leaves_the_title_alone():
+    for c in (Comparison(runs(3), speed=speed()), Comparison(runs(3))):
+        for ax in (c.plot_tradeoff(), c.plot_speed()):
+            ax.figure.canvas.draw()
+            labels = [t.get_text() for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True) if t.get_text()]
+            assert len(labels) >= 2 and not any('10^' in l or '×10' in l or '\\times' in l for l in labels), labels
+            assert all(float(l.replace('−', '-')) > 0 for l in labels)
+    ax = Comparison(runs(3)).plot_phases()
+    fig = ax.figure; fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    assert not ax.get_legend().get_window_extent(r).overlaps(ax.title.get_window_extent(r))
+    plt.close('all')
 
 
 def test_the_report_warns_about_mixed_contexts_a_busy_machine_and_partial_orders():
-    runs = _runs()
-    runs.loc[runs.seed == 3, 'threads'] = 1
-    runs.loc[0, 'other_load'] = 0.6
-    runs['layer_orders'] = json.dumps({'a': 1, 'conv-bn-act': 10})
-    notes = Comparison(runs).notes()
-    assert notes[0].startswith('⚠ The runs come from different contexts') and 'threads: 2 (7 runs), 1 (2 runs)' in notes[0]
-    assert notes[1].startswith("⚠ Other processes kept 60–60 % of the machine's cores busy during 1 of 9 runs (a seed 0)")
-    assert any(n.startswith('a is realised in 1 conv layer (the stem)') for n in notes)
-    assert '## Where the times come from' in Comparison(runs).markdown()
+    r = runs(4)
+    r.loc[r.seed == 3, 'threads'] = 1
+    r.loc[0, 'other_load'] = 0.6
+    r['layer_orders'] = json.dumps({BASE: 1, 'conv-bn-act': 10})
+    notes = Comparison(r).notes()
+    assert notes[0].startswith('Speed here comes from whole runs')
+    assert notes[1].startswith('⚠ The runs come from different contexts') and 'threads: 2 (9 runs), 1 (3 runs)' in notes[1]
+    assert notes[2].startswith(f"⚠ Other processes kept 60–60 % of the machine's cores busy during 1 of 12 runs ({BASE} seed 0)")
+    assert any(n.startswith(f'{BASE} is realised in 1 conv layer (the stem)') for n in notes)
+    assert '## Where the times come from' in Comparison(r).markdown()

@@ -1,4 +1,4 @@
-"""`order_stats`: each order against a baseline, with Student-t intervals and Welch's test; `Comparison`: the report, its figures and the context its times come from.
+"""`order_stats`: each order against a baseline, accuracy paired by seed, speed from paired step times, Holm-adjusted, with the seeds a verdict would need; `Comparison`: the report that answers first, its figures and the context its times come from.
 
 Docs: https://fastai-order.github.io/fastai_order/experiment/report.html.md"""
 
@@ -6,25 +6,38 @@ Docs: https://fastai-order.github.io/fastai_order/experiment/report.html.md"""
 
 # %% ../../nbs/experiment/04_report.ipynb #f5f2c211
 from __future__ import annotations
-import json
+import json, math, numbers, warnings
+from contextlib import contextmanager
 from pathlib import Path
 import numpy as np, pandas as pd
 import scipy.stats
 import matplotlib.pyplot as plt
-from fastcore.basics import store_attr
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter, NullLocator
+from fastcore.basics import store_attr, patch
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import TTestPower, TTestIndPower
+import statsmodels.tools.sm_exceptions   # its warning filters, set here once, so that `_quiet`'s come first
 from ..timing.batch_timer import PHASES, PHASE_COLORS
+from ..timing.paired import ratio_interval
 from .run import CONTEXT_TYPES
 from ..core.files import atomic_path, atomic_write
 
 # %% auto #0
-__all__ = ['BUSY', 'mean_ci', 'gmean_ci', 'welch', 'welch_ratio', 'order_stats', 'Comparison']
+__all__ = ['SEEDS_CAP', 'MIN_TEST', 'BUSY', 'mean_ci', 'gmean_ci', 'welch', 'welch_ratio', 'paired_t', 'prob_improvement', 'holm',
+           'seeds_needed', 'ratio_test', 'order_stats', 'Comparison']
 
 # %% ../../nbs/experiment/04_report.ipynb #b7c97e04
+@contextmanager
+def _quiet():
+    "Library warnings (scipy's 'Precision loss', numpy's, statsmodels' solver) kept from the user: the report says in words what they mean"
+    with warnings.catch_warnings(), np.errstate(all='ignore'):
+        warnings.simplefilter('ignore'); yield
+
 def mean_ci(x, level=0.95) -> tuple:
     "(mean, half-width of its Student-t `level` interval) of `x`; the half-width is NaN for fewer than 2 values"
     x = np.asarray(x, float)
     if len(x) < 2: return x.mean(), np.nan
-    return x.mean(), scipy.stats.t.ppf((1 + level)/2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+    with _quiet(): return x.mean(), scipy.stats.t.ppf((1 + level)/2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
 
 def gmean_ci(x, level=0.95) -> tuple:
     "(geometric mean, factor of its `level` interval: gmean ÷ factor to gmean × factor) of positive `x`"
@@ -33,42 +46,139 @@ def gmean_ci(x, level=0.95) -> tuple:
 
 def welch(a, b, level=0.95) -> tuple:
     "(mean(a) − mean(b), half-width of its `level` interval, p) by Welch's t-test"
-    r = scipy.stats.ttest_ind(a, b, equal_var=False)
-    lo, hi = r.confidence_interval(level)
-    return (lo + hi)/2, (hi - lo)/2, r.pvalue
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if np.ptp(a) <= 1e-12 and np.ptp(b) <= 1e-12:   # no spread in either: no t, the difference is what it is
+        d = a.mean() - b.mean(); return d, 0.0, float(abs(d) <= 1e-12)
+    with _quiet():
+        r = scipy.stats.ttest_ind(a, b, equal_var=False)
+        lo, hi = r.confidence_interval(level)
+    return (lo + hi)/2, (hi - lo)/2, float(r.pvalue)
 
 def welch_ratio(a, b, level=0.95) -> tuple:
     "(ratio of geometric means a / b, low and high ends of its `level` interval, p) by Welch's t-test on logs"
     d, h, p = welch(np.log(a), np.log(b), level)
     return np.exp(d), np.exp(d - h), np.exp(d + h), p
 
+def paired_t(a, b, level=0.95) -> tuple:
+    "(mean of the differences a − b, half-width of its `level` interval, p) by the paired t-test: `a[i]` and `b[i]` share a start (a seed)"
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    d, h = mean_ci(a - b, level)
+    if len(a) < 2: return d, np.nan, np.nan
+    if np.ptp(a - b) <= 1e-12: return d, 0.0, float(abs(d) <= 1e-12)   # the same difference in every pair
+    with _quiet(): return d, h, float(scipy.stats.ttest_rel(a, b).pvalue)
+
+def prob_improvement(x, y) -> float:
+    "P(X > Y) + ½ P(X = Y) over every pair of a value of `x` and one of `y`: rliable's probability of improvement (Mann–Whitney's U / nm)"
+    x, y = np.asarray(x, float)[:, None], np.asarray(y, float)[None]
+    return float(((x > y) + 0.5*(x == y)).mean())
+
+def holm(pvalues) -> np.ndarray:
+    "Holm's step-down adjustment of `pvalues` (statsmodels' `multipletests`); NaN stays NaN and is not counted"
+    p = np.asarray(pvalues, float); out = np.full(p.shape, np.nan); ok = np.isfinite(p)
+    if ok.any(): out[ok] = multipletests(p[ok], method='holm')[1]
+    return out
+
+SEEDS_CAP = 1000   # beyond this many seeds the report says "more than 1,000"
+
+def seeds_needed(diff, sd, paired=True, power=0.8, alpha=0.05, cap=SEEDS_CAP) -> float:
+    "Seeds per order a two-sided t-test at `alpha` needs to detect a true difference `diff` with `power` when seeds vary by `sd` (paired: the sd of the per-seed differences, `TTestPower`; else the sd within an order, `TTestIndPower`); `inf` above `cap` or for no difference, NaN for `sd` 0 or unknown"
+    diff, sd = abs(float(diff)), float(sd)
+    if not (np.isfinite(diff) and np.isfinite(sd) and sd > 0): return math.nan
+    d, test = diff/sd, (TTestPower() if paired else TTestIndPower())
+    with _quiet():   # the smallest n whose power is enough: power grows with n
+        enough = lambda n: not test.power(d, n, alpha) < power   # NaN: the power routine's limit, where power is ≈ 1
+        if d == 0 or not enough(cap): return math.inf
+        lo, hi = 2, cap
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if enough(mid): hi = mid
+            else: lo = mid + 1
+    return float(lo)
+
+def ratio_test(ratios, level=0.95) -> tuple:
+    "(geometric mean, low, high, p) of paired time ratios, one per repeat: `ratio_interval`'s Student-t interval on their logs, and a one-sample t-test of the logs against 0"
+    r = np.asarray(ratios, float); r = r[np.isfinite(r) & (r > 0)]
+    if len(r) == 0: return (np.nan,)*4
+    with _quiet(): g, lo, hi = ratio_interval(r, level)
+    logs = np.log(r)
+    if len(r) < 2: return g, np.nan, np.nan, np.nan
+    if np.ptp(logs) <= 1e-12: return g, g, g, float(abs(logs.mean()) <= 1e-12)
+    with _quiet(): return g, lo, hi, float(scipy.stats.ttest_1samp(logs, 0).pvalue)
+
 # %% ../../nbs/experiment/04_report.ipynb #62327627
-def _speed(r, lo, hi, p, alpha):
-    "Plain words for the time ratio order / baseline"
-    if p < alpha: return f"{'faster' if r < 1 else 'slower'}: ×{r:.2f} the time (95 % CI ×{lo:.2f}–{hi:.2f})"
-    return f"speed not distinguishable (×{lo:.2f}–{hi:.2f})"
+MIN_TEST = 3   # seeds (pairs, or runs per order) for an accuracy interval and test: at n=2, t(0.975, 1) = 12.7 makes an interval meaningless
 
-def _accuracy(d, h, p, n, alpha):
-    if p < alpha: return f"{'more' if d > 0 else 'less'} accurate by {100*abs(d):.1f} ± {100*h:.1f} points"
-    return f"accuracy not distinguishable at n={n}"
+def _acc_cols(g, b, min_effect) -> dict:
+    "The accuracy of runs `g` against the baseline's `b`, in points: paired t on shared seeds, else Welch; P(improvement); seeds needed"
+    a, base = 100*g.accuracy.to_numpy(float), 100*b.accuracy.to_numpy(float)
+    pairs = g.groupby('seed').accuracy.mean().to_frame('order').join(b.groupby('seed').accuracy.mean().rename('base'), how='inner')*100
+    paired = len(pairs) >= 2
+    row = dict(acc_test='paired t' if paired else 'Welch' if min(len(a), len(base)) >= 2 else 'none',
+               acc_n=len(pairs) if paired else min(len(a), len(base)), d_acc=a.mean() - base.mean(), d_acc_sd=np.nan,
+               d_acc_lo=np.nan, d_acc_hi=np.nan, p_acc=np.nan, p_improve=prob_improvement(a, base), seeds_needed=np.nan, seeds_min_effect=np.nan)
+    if row['acc_test'] == 'none': return row
+    if paired: (d, h, p), sd = paired_t(pairs.order, pairs.base), (pairs.order - pairs.base).std(ddof=1)
+    else: (d, h, p), sd = welch(a, base), np.sqrt((a.var(ddof=1) + base.var(ddof=1))/2)
+    sd = 0.0 if sd <= 1e-9 else sd
+    row.update(d_acc=d, d_acc_sd=sd, seeds_needed=seeds_needed(d, sd, paired), seeds_min_effect=seeds_needed(min_effect, sd, paired))
+    if row['acc_n'] >= MIN_TEST:   # an interval of the difference stays where accuracies can be
+        row.update(d_acc_lo=max(d - h, -base.mean()), d_acc_hi=min(d + h, 100 - base.mean()), p_acc=p)
+    return row
 
-def order_stats(runs:pd.DataFrame, orders=None, baseline=None, alpha=0.05) -> pd.DataFrame:
-    "Per order: n, accuracy (mean, std, 95 % CI), train ms per batch (geometric mean, ×/÷ CI factor), Welch's tests against `baseline`"
+def _speed_cols(g, b, speed, order, baseline) -> dict:
+    "The train and inference step time of `order` over `baseline`'s: paired per-repeat ratios from `speed`, else whole runs (Welch on logs)"
+    paired = speed is not None and {order, baseline} <= set(speed.columns)
+    row = dict(speed_from='paired steps' if paired else 'whole runs')
+    for step, col, ms in (('train', 'train', 'train_ms'), ('valid', 'infer', 'valid_ms')):
+        x = lo = hi = p = np.nan; n = 0
+        if paired: t = speed[speed.step == step]; x, lo, hi, p = ratio_test(t[order] / t[baseline]); n = len(t)
+        elif ms in g:
+            n = min(len(g), len(b))
+            if n >= 2: x, lo, hi, p = welch_ratio(g[ms], b[ms])
+            else: x = scipy.stats.gmean(g[ms]) / scipy.stats.gmean(b[ms])
+        row.update({f'{col}_x': x, f'{col}_lo': lo, f'{col}_hi': hi, f'p_{col}': p, f'{col}_n': n})
+    return row
+
+def _speed_word(step, x, p, alpha):
+    if not np.isfinite(x): return f"{step} not timed"
+    if not np.isfinite(p): return f"{step} ×{x:.2f} (no test)"
+    return f"{step} {'faster' if x < 1 else 'slower'} (×{x:.2f})" if p < alpha else f"{step} not distinguishable"
+
+def _verdict(r, nb, alpha) -> str:
+    "Plain words for one order against the baseline (`nb` runs): speed from Holm-adjusted p, then accuracy"
+    if r['acc_test'] == 'none': acc = f"no test with a single run (n={r['n']} vs {nb})"
+    elif not np.isfinite(r['p_acc']): acc = f"accuracy: {r['acc_n']} seeds, too few for a test"
+    elif r['p_acc_holm'] < alpha: acc = f"{'more' if r['d_acc'] > 0 else 'less'} accurate ({r['d_acc']:+.2f} points)".replace('-', '−')
+    else: acc = f"accuracy not distinguishable at n={r['acc_n']}"
+    if r['acc_test'] == 'none' and not np.isfinite(r['p_train']) and not np.isfinite(r['p_infer']): return acc
+    return f"{_speed_word('train step', r['train_x'], r['p_train_holm'], alpha)}, {_speed_word('inference', r['infer_x'], r['p_infer_holm'], alpha)}; {acc}"
+
+_STATS_COLS = ['order', 'n', 'acc', 'acc_sd', 'acc_lo', 'acc_hi', 'acc_test', 'acc_n', 'd_acc', 'd_acc_sd', 'd_acc_lo', 'd_acc_hi',
+               'p_acc', 'p_acc_holm', 'p_improve', 'seeds_needed', 'seeds_min_effect', 'speed_from', 'train_n', 'train_x', 'train_lo', 'train_hi',
+               'p_train', 'p_train_holm', 'infer_n', 'infer_x', 'infer_lo', 'infer_hi', 'p_infer', 'p_infer_holm', 'train_ms', 'train_ms_factor', 'valid_ms',
+               'valid_ms_factor']
+
+def order_stats(runs:pd.DataFrame, orders=None, baseline=None, speed:pd.DataFrame|None=None, min_effect:float=0.5, alpha=0.05) -> pd.DataFrame:
+    "Per order against `baseline`: accuracy in % (mean, sd, clipped 95 % CI), its paired or Welch test, train and inference time ratios (paired `speed`, else whole runs), Holm-adjusted p, seeds needed, verdict"
     orders = [o for o in (orders if orders is not None else runs.order.unique()) if o in set(runs.order)]
     baseline = baseline or orders[0]
     b, rows = runs[runs.order == baseline], []
     for order in orders:
         g = runs[runs.order == order]
-        (acc, acc_ci), (ms, ms_f) = mean_ci(g.accuracy), gmean_ci(g.train_ms)
-        row = dict(order=order, n=len(g), acc_mean=acc, acc_std=g.accuracy.std(ddof=1), acc_ci=acc_ci, ms_gmean=ms, ms_factor=ms_f,
-                   ms_ratio=np.nan, p_acc=np.nan, p_ms=np.nan, verdict='baseline')
-        if order != baseline and min(len(g), len(b)) < 2: row['verdict'] = f"no test with a single run (n={len(g)} vs {len(b)})"
-        elif order != baseline:
-            (r, lo, hi, p_ms), (d, h, p_acc) = welch_ratio(g.train_ms, b.train_ms), welch(g.accuracy, b.accuracy)
-            row.update(ms_ratio=r, p_ms=p_ms, p_acc=p_acc,
-                       verdict=f"{_speed(r, lo, hi, p_ms, alpha)}, {_accuracy(d, h, p_acc, min(len(g), len(b)), alpha)}")
+        acc, h = mean_ci(100*g.accuracy)
+        sd = g.accuracy.std(ddof=1)*100 if len(g) > 1 else np.nan
+        ms, ms_f = gmean_ci(g.train_ms)
+        row = dict(order=order, n=len(g), acc=acc, acc_sd=0.0 if sd <= 1e-9 else sd,
+                   acc_lo=max(acc - h, 0) if len(g) >= MIN_TEST else np.nan, acc_hi=min(acc + h, 100) if len(g) >= MIN_TEST else np.nan,
+                   **(dict(acc_test='', acc_n=len(g), train_n=0, infer_n=0, train_x=1.0, infer_x=1.0, speed_from='paired steps' if speed is not None else 'whole runs')
+                      if order == baseline else {**_acc_cols(g, b, min_effect), **_speed_cols(g, b, speed, order, baseline)}),
+                   train_ms=ms, train_ms_factor=ms_f, **dict(zip(('valid_ms', 'valid_ms_factor'), gmean_ci(g.valid_ms) if 'valid_ms' in g else (np.nan,)*2)))
         rows.append(row)
-    return pd.DataFrame(rows)
+    st = pd.DataFrame(rows).reindex(columns=_STATS_COLS).astype(dict(acc_n=int, train_n=int, infer_n=int))
+    st['p_acc_holm'] = holm(st.p_acc)
+    st[['p_train_holm', 'p_infer_holm']] = holm(np.r_[st.p_train, st.p_infer]).reshape(2, -1).T   # one family: every speed test
+    st['verdict'] = [('baseline' if r['order'] == baseline else _verdict(r, len(b), alpha)) for r in st.to_dict('records')]
+    return st
 
 # %% ../../nbs/experiment/04_report.ipynb #1815ca73
 BUSY = 0.1   # share of the machine's cores that other processes may use during a run before the report warns
@@ -78,109 +188,324 @@ def _markdown_table(df):
                       *('| ' + ' | '.join(f'{v:.2f}' if isinstance(v, float) else str(v) for v in row) + ' |' for row in df.itertuples(index=False))])
 
 def _context_cols(runs): return [k for k in CONTEXT_TYPES if k != 'other_load' and k in runs]
+def _ok(v): return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+def _pts(v): return f"{v:+.2f}".replace('-', '−')
+def _p(p): return f"{p:.2g}" if _ok(p) else '—'
+def _seeds(n): return '—' if not _ok(n) and not n == math.inf else f"> {SEEDS_CAP:,}" if n == math.inf else f"{n:,.0f}"
 
-def _fmt_acc(r): return f"{100*r.acc_mean:.2f} (one run)" if r.n == 1 else f"{100*r.acc_mean:.2f} ± {100*r.acc_ci:.2f}"
-def _fmt_ms(r): return f"{r.ms_gmean:.1f} (one run)" if r.n == 1 else f"{r.ms_gmean:.1f} ({r.ms_gmean/r.ms_factor:.1f}–{r.ms_gmean*r.ms_factor:.1f})"
+def _fmt_acc(r):
+    if r.n == 1: return f"{r.acc:.2f} (one run)"
+    if r.acc_sd == 0: return f"{r.acc:.2f} (the same in every seed)"
+    if not _ok(r.acc_lo): return f"{r.acc:.2f} ({r.n} seeds: too few for an interval)"
+    return f"{r.acc:.2f} ({r.acc_lo:.2f}–{r.acc_hi:.2f})"
+def _fmt_dacc(r):
+    if r.acc_test in ('', 'none'): return '—'
+    if r.d_acc_sd == 0: return 'the same in every seed' if abs(r.d_acc) < 1e-9 else f"{_pts(r.d_acc)} in every seed"
+    if not _ok(r.d_acc_lo): return f"{_pts(r.d_acc)} ({r.acc_n} seeds: too few for an interval)"
+    return f"{_pts(r.d_acc)} ({_pts(r.d_acc_lo)} to {_pts(r.d_acc_hi)})"
+def _fmt_x(r, col):
+    x, lo = getattr(r, f'{col}_x'), getattr(r, f'{col}_lo')
+    if not _ok(x): return '—'
+    if x == 1 and r.acc_test == '': return '1'
+    if not _ok(lo): return f"×{x:.2f} (one {'repeat' if r.speed_from == 'paired steps' else 'run'}: no interval)"
+    return f"×{x:.2f} ({lo:.2f}–{getattr(r, f'{col}_hi'):.2f})"
+
+def _seeds_words(r, min_effect):
+    "About how many seeds would detect the observed difference, and a `min_effect`-point one, at 80 % power"
+    per = '' if r.acc_test == 'paired t' else ' per order'
+    obs = (f"about {r.seeds_needed:,.0f} seeds{per} would detect a {abs(r.d_acc):.2f}-point difference" if _ok(r.seeds_needed) else
+           f"more than {SEEDS_CAP:,} seeds{per} would be needed for a {abs(r.d_acc):.2f}-point difference" if r.seeds_needed == math.inf else '')
+    if not obs: return ''
+    m = f"{r.seeds_min_effect:,.0f}" if _ok(r.seeds_min_effect) else f"more than {SEEDS_CAP:,}"
+    return f"{obs}; {m} seeds a {min_effect:g}-point one (80 % power)"
 
 class Comparison:
-    "The runs of a comparison (a `runs_table`), their statistics against `baseline`, and the report: table, notes, figures"
-    def __init__(self, runs:pd.DataFrame, orders=None, baseline=None, config:dict|None=None):
-        store_attr('runs,config')
+    "The runs of a comparison (a `runs_table`) and their paired step times (`speed`), their statistics against `baseline`, and the report: answer, tables, notes, figures"
+    def __init__(self, runs:pd.DataFrame, orders=None, baseline=None, config:dict|None=None, speed:pd.DataFrame|None=None,
+                 min_effect:float=0.5, alpha:float=0.05):
+        store_attr('runs,config,speed,min_effect,alpha')
         self.orders = [o for o in (orders if orders is not None else runs.order.unique()) if o in set(runs.order)]
         self.baseline = baseline or self.orders[0]
-        self.stats = order_stats(runs, self.orders, self.baseline)
+        self.stats = order_stats(runs, self.orders, self.baseline, speed, min_effect, alpha)
+
+    def _repr_markdown_(self): return self.markdown()
+    def __repr__(self): return self.table()
+
+    def _sig(self, p): return _ok(p) and p < self.alpha
+    def _step_words(self, r, col, step):
+        x, lo, hi, p = (getattr(r, k) for k in (f'{col}_x', f'{col}_lo', f'{col}_hi', f'p_{col}_holm'))
+        if not _ok(x): return f"{step} was not timed"
+        ci = f"95 % CI ×{lo:.2f}–{hi:.2f}" if _ok(lo) else 'no interval'
+        return f"{step} takes ×{x:.2f} the time ({ci})" if self._sig(p) else f"{step} is not distinguishable ({ci})"
+
+    def headline(self) -> list:
+        "Two or three plain sentences: which order is faster and by how much (train step, inference), which is more accurate (or what n would tell), the trade-off"
+        b = self.baseline
+        s = self.stats[self.stats.order != b]
+        if not len(s): return [f"Only {b} was run: there is nothing to compare it with."]
+        src = ("timed paired, step by step" if (s.speed_from == 'paired steps').all() else
+               "timed from whole runs, one after another, with no paired step timing: weaker evidence")
+        faster = lambda r: any(self._sig(getattr(r, f'p_{c}_holm')) and getattr(r, f'{c}_x') < 1 for c in ('train', 'infer'))
+        fast = sorted(filter(faster, s.itertuples()), key=lambda r: r.train_x if self._sig(r.p_train_holm) else 1)
+        short = lambda r: ', '.join(f"{w} ×{getattr(r, c + '_x'):.2f}" for c, w in (('train', 'train step'), ('infer', 'inference'))
+                                    if self._sig(getattr(r, f'p_{c}_holm')))
+        slow, same = [r for r in s.itertuples() if short(r) and not faster(r)], [r.order for r in s.itertuples() if not short(r)]
+        one = f": {s.order.iloc[0]}'s {self._step_words(s.iloc[0], 'train', 'train step')}, its {self._step_words(s.iloc[0], 'infer', 'inference')}"
+        if fast: speed = (f"Against {b} ({src}), {fast[0].order} is the fastest: its {self._step_words(fast[0], 'train', 'train step')} "
+                          f"and its {self._step_words(fast[0], 'infer', 'inference')}")
+        elif slow: speed = f"No order is faster than {b} ({src})" + (one if len(s) == 1 else '')
+        else: speed = f"No order is distinguishable from {b} in speed ({src})" + (one if len(s) == 1 else '')
+        groups = {'also faster': fast[1:], 'slower': slow if len(s) > 1 or fast else [], 'not distinguishable in speed': same if fast or slow else []}
+        speed += ''.join(f"; {k}: " + ', '.join(r if isinstance(r, str) else f"{r.order} ({short(r)})" for r in g) for k, g in groups.items() if g) + '.'
+        sig = s[[self._sig(p) for p in s.p_acc_holm]]
+        if len(sig): acc = '; '.join(f"{r.order} is {'more' if r.d_acc > 0 else 'less'} accurate than {b} by {abs(r.d_acc):.2f} points "
+                                     f"(95 % CI {_pts(r.d_acc_lo)} to {_pts(r.d_acc_hi)}; {r.acc_test}, n={r.acc_n})" for r in sig.itertuples()) + '.'
+        else:
+            n, tests = s.acc_n.max(), ' and '.join(sorted(set(s.acc_test) - {'none'}))
+            if (s.acc_test == 'none').all(): acc = f"Accuracy cannot be tested with one run per order: {MIN_TEST} or more seeds can tell."
+            elif s.p_acc.isna().all(): acc = f"With {n} seeds accuracy is not tested (too few for an interval)"
+            else: acc = f"No order is more or less accurate than {b} at n={n} ({tests}, Holm-adjusted)"
+            big = s[s.seeds_needed.notna()]
+            if len(big) and (s.acc_test != 'none').any():
+                r = big.loc[big.d_acc.abs().idxmax()]
+                acc += f": for {r.order}, {_seeds_words(r, self.min_effect)}." if _seeds_words(r, self.min_effect) else '.'
+            elif not acc.endswith('.'): acc += ': every seed gave the same difference, so there is no spread to size a study from.' if (s.d_acc_sd == 0).all() else '.'
+        return [speed, acc, self._tradeoff(s)]
+
+    def _tradeoff(self, s) -> str:
+        b, fast = self.baseline, s[[self._sig(p) and x < 1 for p, x in zip(s.p_train_holm, s.train_x)]].sort_values('train_x')
+        better = s[[self._sig(p) and d > 0 for p, d in zip(s.p_acc_holm, s.d_acc)]]
+        if len(fast):
+            r = fast.iloc[0]
+            if self._sig(r.p_acc_holm) and r.d_acc < 0:
+                return f"So {r.order} trades {abs(r.d_acc):.2f} points of accuracy for a train step at ×{r.train_x:.2f} the time."
+            if self._sig(r.p_acc_holm): return f"So {r.order} is both faster and more accurate than {b}."
+            if not _ok(r.p_acc): return f"So {r.order} trains faster than {b}; whether it costs accuracy takes {MIN_TEST} or more seeds to tell."
+            return f"So {r.order} trains faster than {b} with no accuracy difference detectable at n={r.acc_n}."
+        if len(better): return f"So {better.order.iloc[0]} is more accurate than {b} at no measurable cost in train speed."
+        if (s.acc_test == 'none').all() or s.p_acc.isna().all(): return f"So at this n only speed can tell the orders apart, and it does not."
+        return f"So at this n the order makes no measurable difference to {b}, in speed or in accuracy."
+
+    def verdicts(self) -> dict:
+        "Each order's verdict against the baseline, in words"
+        return dict(zip(self.stats.order, self.stats.verdict))
+
+    def summary(self) -> dict:
+        "Flat numbers and words (per order: `order/column`) and the answer's sentences, for W&B's summary run"
+        out = dict(baseline=self.baseline, answer=' '.join(self.headline()), min_effect=self.min_effect, alpha=self.alpha)
+        for r in self.stats.to_dict('records'):
+            for k, v in r.items():
+                if k == 'order': continue
+                if isinstance(v, (np.floating, np.integer)): v = v.item()
+                if isinstance(v, str) or _ok(v): out[f"{r['order']}/{k}"] = v
+        return out
 
     def table(self) -> str:
-        "The statistics as a markdown table"
-        rows = [f"| {r.order} | {r.n} | {_fmt_acc(r)} | {_fmt_ms(r)} | {r.verdict} |" for r in self.stats.itertuples()]
-        return '\n'.join([f"| order | n | accuracy % (95 % CI) | train ms/batch (95 % CI) | against {self.baseline} |",
-                          "|---|---|---|---|---|", *rows])
+        "The answer per order as a markdown table: accuracy, its difference to the baseline, the time ratios, the verdict"
+        src = '' if (self.stats.speed_from == 'paired steps').all() else ', whole runs'
+        rows = [f"| {r.order} | {r.n} | {_fmt_acc(r)} | {_fmt_dacc(r)} | {_fmt_x(r, 'train')} | {_fmt_x(r, 'infer')} | {r.verdict} |"
+                for r in self.stats.itertuples()]
+        return '\n'.join([f"| order | n | accuracy % (95 % CI) | Δ accuracy, points (95 % CI) | train step, × {self.baseline} (95 % CI{src}) "
+                          f"| inference, × {self.baseline} (95 % CI{src}) | verdict |", "|---|---|---|---|---|---|---|", *rows])
+
+    def tests(self) -> str:
+        "The tests behind the verdicts as a markdown table: raw and Holm-adjusted p, probability of improvement, seeds needed"
+        s = self.stats[self.stats.order != self.baseline]
+        rows = [f"| {r.order} | {r.acc_test} | {r.acc_n} | {_p(r.p_acc)} | {_p(r.p_acc_holm)} | {r.p_improve:.2f} | {_seeds(r.seeds_needed)} "
+                f"| {_seeds(r.seeds_min_effect)} | {_p(r.p_train)} | {_p(r.p_train_holm)} | {_p(r.p_infer)} | {_p(r.p_infer_holm)} |" for r in s.itertuples()]
+        return '\n'.join([f"| order | accuracy test | n | p | p (Holm) | P(better than {self.baseline}) | seeds for the observed Δ | seeds for "
+                          f"{self.min_effect:g} points | train step p | p (Holm) | inference p | p (Holm) |", '|---'*12 + '|', *rows])
+
+    def whole_runs(self) -> str:
+        "Whole-run train and valid ms per batch (geometric mean, 95 % CI) as a markdown table: context, with data loading and the machine's drift in them"
+        ms = lambda m, f, n: '—' if not _ok(m) else f"{m:.1f} (one run)" if n == 1 else f"{m:.1f} ({m/f:.1f}–{m*f:.1f})"
+        return '\n'.join(["| order | n | train ms per batch (95 % CI) | valid ms per batch (95 % CI) |", "|---|---|---|---|",
+                          *(f"| {r.order} | {r.n} | {ms(r.train_ms, r.train_ms_factor, r.n)} | {ms(r.valid_ms, r.valid_ms_factor, r.n)} |"
+                            for r in self.stats.itertuples())])
 
     def contexts(self) -> pd.DataFrame:
         "Each distinct context the runs' times come from, with its number of runs and the most load other processes put on it"
         cols = _context_cols(self.runs)
         return (self.runs.groupby(cols, dropna=False).agg(runs=('order', 'size'), max_other_load=('other_load', 'max')).reset_index())
 
-    def notes(self) -> list:
-        "What a reader must know before trusting the times: mixed contexts, a busy machine, wide intervals, partial orders"
-        notes, runs = [], self.runs
-        differ = {c: runs[c].value_counts() for c in _context_cols(runs) if runs[c].nunique() > 1}
-        if differ: notes.append("⚠ The runs come from different contexts, so their times are not comparable: " + '; '.join(
-            f"{c}: " + ', '.join(f"{v} ({n} runs)" for v, n in vc.items()) for c, vc in differ.items()) + '.')
-        busy = runs[runs.other_load > BUSY]
-        if len(busy): notes.append(
-            f"⚠ Other processes kept {100*busy.other_load.min():.0f}–{100*busy.other_load.max():.0f} % of the machine's cores busy during "
-            f"{len(busy)} of {len(runs)} runs ({', '.join(f'{r.order} seed {r.seed}' for r in busy.itertuples())}): their times are slower and "
-            "the intervals wider. Re-run those on a quiet machine (delete their files in runs/) for times to trust.")
-        for r in self.stats.itertuples():
-            if r.n > 1 and r.ms_factor > 1.2:
-                t = runs.train_ms[runs.order == r.order]
-                notes.append(f"The time interval of {r.order} is wide (×/÷ {r.ms_factor:.2f}): its {r.n} runs took {t.min():.1f} to {t.max():.1f} ms "
-                             "per batch" + (" while the machine was busy (above)." if len(busy) else ", with no other load seen: few runs, or a noisy machine."))
-        for o in self.orders:
-            layers = json.loads(runs.layer_orders[runs.order == o].iloc[0]) if 'layer_orders' in runs else {}
-            if len(layers) > 1 and layers.get(o) == 1:
-                notes.append(f"{o} is realised in 1 conv layer (the stem); the other layers, in the same order without the ops they lack: "
-                             + ', '.join(f"{n} × {k}" for k, n in layers.items() if k != o) + '.')
-        return notes
+# %% ../../nbs/experiment/04_report.ipynb #5077daea
+def _histories(runs) -> pd.DataFrame:
+    "The runs' per-epoch histories, a row per run and epoch (order, seed, epoch, train_loss, valid_loss, accuracy); empty where none was kept"
+    if 'history' not in runs: return pd.DataFrame()
+    rows = [dict(order=r.order, seed=r.seed, **e) for r in runs.itertuples() if isinstance(r.history, (str, list))
+            for e in (json.loads(r.history) if isinstance(r.history, str) else r.history)]
+    return pd.DataFrame(rows)
 
-    def plot_accuracy(self, ax=None):
-        "Mean final accuracy per order with its whole 95 % interval, and every run as a dot"
-        ax = ax or plt.subplots(figsize=(6, 0.6 + 0.5*len(self.orders)))[1]
-        s = self.stats
+def _figure(drawn): return (drawn.flat[0] if isinstance(drawn, np.ndarray) else drawn).figure
+
+def _plain_log_axis(ax, axis='x'):
+    "Label a log axis with plain numbers (70, 80, 90; 0.9, 1, 1.1), not 7×10¹, with a few ticks where its range is narrow"
+    a, (lo, hi) = (ax.xaxis, ax.get_xlim()) if axis == 'x' else (ax.yaxis, ax.get_ylim())
+    if hi / lo < 30:
+        ticks = [t for t in MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= t <= hi and t > 0]
+        a.set_major_locator(FixedLocator(ticks)); a.set_minor_locator(NullLocator())
+    else: a.set_minor_formatter(NullFormatter())
+    a.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))
+
+@patch
+def plot_accuracy(self:Comparison, ax=None):
+    "Mean final accuracy per order with its 95 % interval (from 3 seeds; within 0–100 %), and every run as a dot"
+    ax = ax or plt.subplots(figsize=(6, 0.8 + 0.5*len(self.orders)))[1]
+    s = self.stats
+    for i, r in enumerate(s.itertuples()):
+        err = np.clip([[r.acc - r.acc_lo], [r.acc_hi - r.acc]], 0, None) if _ok(r.acc_lo) else None
+        ax.errorbar(r.acc, i, xerr=err, fmt='o', color='#4c72b0', capsize=4)
+        acc = 100*self.runs.accuracy[self.runs.order == r.order]
+        ax.plot(acc, [i + 0.15]*len(acc), 'k.', ms=4, alpha=0.6)
+    ends = np.r_[100*self.runs.accuracy, s.acc_lo.dropna(), s.acc_hi.dropna()]
+    pad = max(0.5, 0.1*(ends.max() - ends.min()))
+    ax.set_xlim(max(0, ends.min() - pad), min(100, ends.max() + pad))
+    ax.set_yticks(range(len(s)), s.order); ax.set_ylim(len(s) - 0.5, -0.5)
+    ax.set_xlabel(f'final valid accuracy, % (mean, 95 % CI from {MIN_TEST} seeds; dots: runs)'); ax.set_title('Accuracy')
+    return ax
+
+@patch
+def plot_seeds(self:Comparison, ax=None):
+    "Each seed's final accuracy in each order, joined by a line: the pairing the paired test uses"
+    ax = ax or plt.subplots(figsize=(1.5 + 1.4*len(self.orders), 4))[1]
+    acc = self.runs.pivot_table(index='seed', columns='order', values='accuracy')[self.orders]*100
+    for seed, row in acc.iterrows(): ax.plot(range(len(self.orders)), row.values, 'o-', alpha=0.7, label=f'seed {seed}')
+    ax.set_xticks(range(len(self.orders)), self.orders, rotation=15 if len(self.orders) > 3 else 0, fontsize=8)
+    ax.set_ylabel('final valid accuracy, %'); ax.set_title('Each seed in each order (the same start per seed)')
+    if len(acc) <= 12: ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return ax
+
+@patch
+def plot_curves(self:Comparison, axs=None):
+    "Training curves per order: valid accuracy and valid loss by epoch, mean over seeds (thin: each seed)"
+    axs = plt.subplots(1, 2, figsize=(10, 3.6))[1] if axs is None else axs
+    h = _histories(self.runs)
+    for i, o in enumerate(self.orders):
+        g, c = h[h.order == o], f'C{i}'
+        if not len(g): continue
+        for ax, col, f in ((axs[0], 'accuracy', 100), (axs[1], 'valid_loss', 1)):
+            for _, s in g.groupby('seed'): ax.plot(s.epoch + 1, f*s[col], color=c, lw=0.6, alpha=0.35)
+            m = g.groupby('epoch')[col].mean()
+            ax.plot(m.index + 1, f*m.values, 'o-', color=c, ms=3, label=o)
+    for ax, lab in zip(axs, ('valid accuracy, %', 'valid loss')):
+        ax.set_xlabel('epoch'); ax.set_ylabel(lab); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axs[0].set_title('Valid accuracy by epoch (mean over seeds)'); axs[1].set_title('Valid loss by epoch (mean over seeds)')
+    axs[1].legend(fontsize=7)
+    return axs
+
+@patch
+def plot_phases(self:Comparison, ax=None):
+    "Stacked mean train time per batch by phase, per order (whole runs)"
+    ax = ax or plt.subplots(figsize=(7, 0.9 + 0.5*len(self.orders)))[1]
+    means = self.runs.groupby('order', sort=False)[[f'train_{p}_ms' for p in PHASES]].mean().loc[self.stats.order]
+    left = np.zeros(len(means))
+    for p in PHASES:
+        ax.barh(means.index, means[f'train_{p}_ms'], left=left, color=PHASE_COLORS[p], label=p); left += means[f'train_{p}_ms'].values
+    ax.set_xlabel('train ms per batch (mean of whole runs)'); ax.invert_yaxis(); ax.set_title('Where a train batch goes')
+    ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return ax
+
+@patch
+def plot_speed(self:Comparison, ax=None):
+    "Each order's train step and inference time over the baseline's, with 95 % intervals (log axis: ×0.8 and ×1.25 equally far from 1)"
+    s = self.stats[self.stats.order != self.baseline]
+    ax = ax or plt.subplots(figsize=(6.5, 1.2 + 0.6*max(len(s), 1)))[1]
+    for j, (col, lab, c) in enumerate((('train', 'train step', '#4c72b0'), ('infer', 'inference', '#dd8452'))):
         for i, r in enumerate(s.itertuples()):
-            ax.errorbar(100*r.acc_mean, i, xerr=None if r.n == 1 else 100*r.acc_ci, fmt='o', color='#4c72b0', capsize=4)
-            acc = 100*self.runs.accuracy[self.runs.order == r.order]
-            ax.plot(acc, [i + 0.15]*len(acc), 'k.', ms=4, alpha=0.6)
-        ends = np.r_[100*self.runs.accuracy, 100*(s.acc_mean - s.acc_ci.fillna(0)), 100*(s.acc_mean + s.acc_ci.fillna(0))]
-        pad = max(0.5, 0.1*(ends.max() - ends.min()))
-        ax.set_xlim(ends.min() - pad, ends.max() + pad)
-        ax.set_yticks(range(len(s)), s.order); ax.set_ylim(len(s) - 0.5, -0.5)
-        ax.set_xlabel('final valid accuracy, % (mean, 95 % CI; dots: runs)'); ax.set_title('Accuracy')
-        return ax
+            x, lo, hi = getattr(r, f'{col}_x'), getattr(r, f'{col}_lo'), getattr(r, f'{col}_hi')
+            if _ok(x): ax.errorbar(x, i + 0.15*(2*j - 1), xerr=[[x - lo], [hi - x]] if _ok(lo) else None, fmt='o', color=c, capsize=4,
+                                   label=lab if i == 0 else None)
+    ax.axvline(1, color='k', lw=0.8, ls='--')
+    ax.set_yticks(range(len(s)), s.order); ax.set_ylim(max(len(s), 1) - 0.5, -0.5); ax.set_xscale('log')
+    paired = (s.speed_from == 'paired steps').all()
+    ax.set_xlabel(f"time per step, × {self.baseline}'s (log scale; faster ←)")
+    ax.set_title('Speed, ' + ('paired step timing' if paired else 'whole runs (no paired timing)') + ', 95 % CI')
+    if len(s): ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False)
+    _plain_log_axis(ax)
+    return ax
 
-    def plot_phases(self, ax=None):
-        "Stacked mean train time per batch by phase, per order"
-        ax = ax or plt.subplots(figsize=(6, 0.6 + 0.5*len(self.orders)))[1]
-        means = self.runs.groupby('order', sort=False)[[f'train_{p}_ms' for p in PHASES]].mean().loc[self.stats.order]
-        left = np.zeros(len(means))
-        for p in PHASES:
-            ax.barh(means.index, means[f'train_{p}_ms'], left=left, color=PHASE_COLORS[p], label=p); left += means[f'train_{p}_ms'].values
-        ax.set_xlabel('train ms per batch (mean)'); ax.invert_yaxis(); ax.set_title('Where a train batch goes')
-        ax.legend(ncol=len(PHASES), fontsize=7, loc='lower center', bbox_to_anchor=(0.5, 1.08), frameon=False)
-        return ax
+@patch
+def plot_tradeoff(self:Comparison, ax=None):
+    "Accuracy against train step time (log axis): each order's mean with 95 % intervals, each run a dot"
+    ax = ax or plt.subplots(figsize=(5.5, 4))[1]
+    paired = (self.stats.speed_from == 'paired steps').all()
+    for r in self.stats.itertuples():
+        g = self.runs[self.runs.order == r.order]
+        x, lo, hi = (r.train_x, r.train_lo, r.train_hi) if paired else (r.train_ms, r.train_ms/r.train_ms_factor, r.train_ms*r.train_ms_factor)
+        pts = ax.plot(g.train_ms if not paired else [x]*len(g), 100*g.accuracy, '.', alpha=0.4)[0]
+        ax.errorbar(x, r.acc, xerr=[[x - lo], [hi - x]] if _ok(lo) else None, yerr=np.clip([[r.acc - r.acc_lo], [r.acc_hi - r.acc]], 0, None) if _ok(r.acc_lo) else None,
+                    fmt='o', color=pts.get_color(), capsize=4, label=r.order)
+    ax.set_xscale('log')
+    ax.set_xlabel((f"train step time, × {self.baseline}'s" if paired else 'train ms per batch, whole runs') + ', log scale (faster ←)')
+    ax.set_ylabel('final valid accuracy, %'); ax.legend(fontsize=7); ax.set_title('Accuracy against speed')
+    _plain_log_axis(ax)
+    return ax
 
-    def plot_tradeoff(self, ax=None):
-        "Accuracy against train time per batch (log axis): each run a dot, each order's means with 95 % intervals"
-        ax = ax or plt.subplots(figsize=(5, 4))[1]
-        for r in self.stats.itertuples():
-            g = self.runs[self.runs.order == r.order]
-            pts = ax.plot(g.train_ms, 100*g.accuracy, '.', alpha=0.4)[0]
-            f = 1 if r.n == 1 else r.ms_factor
-            ax.errorbar(r.ms_gmean, 100*r.acc_mean, xerr=[[r.ms_gmean - r.ms_gmean/f], [r.ms_gmean*f - r.ms_gmean]],
-                        yerr=None if r.n == 1 else 100*r.acc_ci, fmt='o', color=pts.get_color(), capsize=4, label=r.order)
-        ax.set_xscale('log')
-        ax.set_xlabel('train ms per batch, log scale (faster ←)'); ax.set_ylabel('final valid accuracy, %'); ax.legend(fontsize=7)
-        ax.set_title('Accuracy against speed')
-        return ax
+# %% ../../nbs/experiment/04_report.ipynb #6ee19df1
+@patch
+def notes(self:Comparison) -> list:
+    "What a reader must know before trusting the answer: where the speed comes from, mixed contexts, a busy machine, wide intervals, partial orders, missing curves"
+    notes, runs, st = [], self.runs, self.stats
+    if (st.speed_from == 'whole runs').any(): notes.append(
+        "Speed here comes from whole runs, one after another (this folder has no paired step timing, speed.csv): they carry the "
+        "machine's drift and the data loading, which is the same for every order, so their verdicts are weaker than paired timing's.")
+    differ = {c: runs[c].value_counts() for c in _context_cols(runs) if runs[c].nunique() > 1}
+    if differ: notes.append("⚠ The runs come from different contexts, so their times are not comparable: " + '; '.join(
+        f"{c}: " + ', '.join(f"{v} ({n} runs)" for v, n in vc.items()) for c, vc in differ.items()) + '.')
+    busy = runs[runs.other_load > BUSY]
+    if len(busy): notes.append(
+        f"⚠ Other processes kept {100*busy.other_load.min():.0f}–{100*busy.other_load.max():.0f} % of the machine's cores busy during "
+        f"{len(busy)} of {len(runs)} runs ({', '.join(f'{r.order} seed {r.seed}' for r in busy.itertuples())}): their times are slower and "
+        "the intervals wider. Re-run those on a quiet machine (delete their files in runs/) for times to trust.")
+    for r in st[st.speed_from == 'whole runs'].itertuples():
+        if r.n > 1 and r.train_ms_factor > 1.2:
+            t = runs.train_ms[runs.order == r.order]
+            notes.append(f"The time interval of {r.order} is wide (×/÷ {r.train_ms_factor:.2f}): its {r.n} runs took {t.min():.1f} to {t.max():.1f} ms "
+                         "per batch" + (" while the machine was busy (above)." if len(busy) else ", with no other load seen: few runs, or a noisy machine."))
+    for o in self.orders:
+        layers = json.loads(runs.layer_orders[runs.order == o].iloc[0]) if 'layer_orders' in runs else {}
+        if len(layers) > 1 and layers.get(o) == 1:
+            notes.append(f"{o} is realised in 1 conv layer (the stem); the other layers, in the same order without the ops they lack: "
+                         + ', '.join(f"{n} × {k}" for k, n in layers.items() if k != o) + '.')
+    if not len(_histories(runs)): notes.append("These runs have no per-epoch history (recorded before it was kept): no training curves.")
+    return notes
 
-    def markdown(self) -> str:
-        "The whole report: configuration, table, notes, contexts, figures"
-        cfg = ', '.join(f'{k}={v}' for k, v in (self.config or {}).items())
-        notes = '\n'.join(f"- {n}" for n in self.notes())
-        return (f"# Order comparison\n\n{cfg}; seeds: {sorted(self.runs.seed.unique().tolist())}\n\n{self.table()}\n\n"
-                + (f"## Read before trusting the times\n\n{notes}\n\n" if notes else '')
-                + f"## Where the times come from\n\n{_markdown_table(self.contexts())}\n\n"
-                "![accuracy](accuracy.png)\n![phases](phases.png)\n![tradeoff](tradeoff.png)\n")
+@patch
+def markdown(self:Comparison) -> str:
+    "The whole report, answer first: sentences, table, tests, how to read them, notes, contexts, figures"
+    cfg = ', '.join(f'{k}={v}' for k, v in (self.config or {}).items())
+    notes = '\n'.join(f"- {n}" for n in self.notes())
+    sp = self.stats.iloc[1:]
+    how = (f"Accuracy: where an order and {self.baseline} share seeds (the same start), a paired t-test on the per-seed differences, "
+           f"else Welch's test; intervals stay within 0–100 %; below {MIN_TEST} seeds, no interval and no test. Speed: "
+           + (f"each order's train step (forward, loss, backward, step) and inference step timed against {self.baseline}'s, interleaved, "
+              f"{int(sp.train_n.max()) if len(sp) and _ok(sp.train_n.max()) else 0} repeats; ratios taken within a repeat, their interval and "
+              "t-test on logs." if (sp.speed_from == 'paired steps').all() else "whole-run times per batch, Welch's test on logs.")
+           + f" p-values are Holm-adjusted within accuracy and within speed; verdicts at α = {self.alpha:g}. P(better) is rliable's probability "
+           "of improvement: the chance that a run of the order beats a run of the baseline. Seeds needed: 80 % power, from the observed spread.")
+    figs = '\n'.join(f"![{n}]({n}.png)" for n in self.figures())
+    return (f"# Order comparison\n\n{' '.join(self.headline())}\n\n{cfg + '; ' if cfg else ''}seeds: {sorted(self.runs.seed.unique().tolist())}\n\n{self.table()}\n\n"
+            + (f"## Tests against {self.baseline}\n\n{self.tests()}\n\n{how}\n\n" if len(sp) else '')
+            + f"## Whole runs\n\nTimes per batch of the runs themselves, data loading included: context for the speed above.\n\n{self.whole_runs()}\n\n"
+            + (f"## Read before trusting the answer\n\n{notes}\n\n" if notes else '')
+            + f"## Where the times come from\n\n{_markdown_table(self.contexts())}\n\n## Figures\n\n{figs}\n")
 
-    def save(self, folder) -> Path:
-        "Write `report.md`, `accuracy.png`, `phases.png` and `tradeoff.png` to `folder`"
-        folder = Path(folder)
-        for name, f in (('accuracy', self.plot_accuracy), ('phases', self.plot_phases), ('tradeoff', self.plot_tradeoff)):
-            ax = f(); ax.figure.tight_layout()
-            with atomic_path(folder/f'{name}.png') as tmp: ax.figure.savefig(tmp, dpi=120)
-            plt.close(ax.figure)
-        return atomic_write(folder/'report.md', self.markdown())
+@patch
+def figures(self:Comparison) -> dict:
+    "The report's figures that these runs can draw: name → method drawing it (returns its figure)"
+    f = dict(speed=self.plot_speed, accuracy=self.plot_accuracy)
+    if len(self.orders) > 1 and self.runs.seed.duplicated().any(): f['seeds'] = self.plot_seeds
+    if len(_histories(self.runs)): f['curves'] = self.plot_curves
+    if all(f'train_{p}_ms' in self.runs for p in PHASES): f['phases'] = self.plot_phases
+    return {**f, 'tradeoff': self.plot_tradeoff}
 
-    def _repr_markdown_(self): return self.markdown()
-    def __repr__(self): return self.table()
+@patch
+def save(self:Comparison, folder) -> Path:
+    "Write `report.md` and each of `figures()` as a PNG (`accuracy.png`, `tradeoff.png`, …) to `folder`, atomically"
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    with _quiet():
+        for name, draw in self.figures().items():
+            fig = _figure(draw())
+            with atomic_path(folder/f'{name}.png') as tmp: fig.savefig(tmp, dpi=120, bbox_inches='tight', format='png')
+            plt.close(fig)
+    return atomic_write(folder/'report.md', self.markdown())
