@@ -7,7 +7,7 @@ import fastai_order.experiment.data as data
 from fastai_order.experiment.compare import compare_orders, compare_cli
 from fastai_order.experiment.run import RunConfig
 from fastai_order.experiment.results import RunsFolder
-from wandb_history import config as run_config
+from wandb_history import config as run_config, summary as run_summary
 
 TINY = dict(epochs=1, bs=4, size=16, workers=0)
 
@@ -24,17 +24,22 @@ def test_an_interrupted_comparison_resumes_with_only_what_is_missing(cfg, tmp_pa
         return real(c, *args)
     monkeypatch.setattr(engines, 'train_run', crash_on_third)
     with pytest.raises(KeyboardInterrupt): compare_orders(['resnet', 'bn_after'], cfg, seeds=2, out=tmp_path)
+    timed = (tmp_path/'speed.csv').stat().st_mtime_ns
     assert len(list((tmp_path/'runs').glob('*.json'))) == 2 and not list((tmp_path/'runs').glob('*.tmp'))
     calls.clear()
     res = compare_orders(['resnet', 'bn_after'], cfg, seeds=2, out=tmp_path)
     assert calls == [('conv-bn-act-pool', 1), ('conv-act-bn-pool', 1)]   # seed 0 of both was done
+    assert (tmp_path/'speed.csv').stat().st_mtime_ns == timed
     runs = pd.read_csv(tmp_path/'results.csv')
     assert len(runs) == 4 and set(zip(runs.order, runs.seed)) == {(o, s) for o in ('conv-bn-act-pool', 'conv-act-bn-pool') for s in (0, 1)}
     assert {'accuracy', 'train_ms', 'train_forward_ms', 'params', 'device', 'threads', 'clock', 'other_load'} <= set(runs.columns)
     assert list(res.stats.order) == ['conv-bn-act-pool', 'conv-act-bn-pool'] and res.stats.verdict[0] == 'baseline'
     report = (tmp_path/'report.md').read_text()
     assert '| conv-act-bn-pool | 2 |' in report and '## Where the times come from' in report
-    assert all((tmp_path/f'{n}.png').stat().st_size > 1000 for n in ('accuracy', 'phases', 'tradeoff'))
+    assert all((tmp_path/f'{n}.png').stat().st_size > 1000 for n in ('accuracy', 'phases', 'tradeoff', 'speed', 'seeds', 'curves'))
+    speed = pd.read_csv(tmp_path/'speed.csv')   # timed once, before the first run, and kept: the resumed call did not time again
+    assert list(speed.columns) == ['step', 'repeat', 'conv-bn-act-pool', 'conv-act-bn-pool'] and set(speed.step) == {'train', 'valid'}
+    assert (speed.iloc[:, 2:] > 0).all().all() and res.speed.equals(speed)
 
 
 def test_another_configuration_is_refused_while_the_folder_holds_runs(cfg, tmp_path):
@@ -50,7 +55,8 @@ def test_another_configuration_is_refused_while_the_folder_holds_runs(cfg, tmp_p
 
 def test_one_seed_says_one_run(cfg, tmp_path):
     res = compare_orders(['resnet', 'pool_before_bn'], cfg, seeds=1, out=tmp_path)
-    assert res.stats.verdict.tolist() == ['baseline', 'no test with a single run (n=1 vs 1)']
+    assert res.stats.verdict[0] == 'baseline'   # speed is paired step times, decisive whatever the seeds; accuracy needs seeds
+    assert res.stats.verdict[1].startswith('train step ') and res.stats.verdict[1].endswith('; no test with a single run (n=1 vs 1)')
     assert '(one run)' in res.table() and '± 0.00' not in res.table()
 
 
@@ -140,4 +146,28 @@ def test_wandb_runs_grouped_by_experiment_with_the_configuration(cfg, tmp_path, 
     cfgs = [c for c in map(run_config, dirs) if 'order' in c]
     assert sorted(c['order'] for c in cfgs) == ['conv-bn-act-pool', 'conv-pool-bn-act']
     assert all(c['seed'] == 0 and c['arch'] == 'cnn' and c['data'] == cfg.data and c['backend'] == 'eager' for c in cfgs)
+    verdicts = next(s for s in map(run_summary, dirs) if 'answer' in s)   # the summary run carries the report's answer and verdicts
+    assert verdicts['answer'] == ' '.join(logged.headline()) and verdicts['conv-pool-bn-act/verdict'] == logged.stats.verdict[1]
     if wandb.run is not None: wandb.finish()
+
+
+def fastai_layout_learner(seed):
+    "Your own Learner: a folder in fastai's train/valid layout, timm's resnet18 through vision_learner, not pretrained"
+    from fastai.vision.all import ImageDataLoaders, vision_learner, Resize
+    return vision_learner(ImageDataLoaders.from_folder(FOLDER[0], valid='valid', bs=4, item_tfms=Resize(32), num_workers=0),
+                          'resnet18', pretrained=False)
+
+FOLDER = []
+
+
+def test_orders_of_your_own_learner_are_compared_and_a_changed_function_is_refused(tiny_data, tmp_path):
+    import shutil
+    FOLDER[:] = [shutil.copytree(tiny_data, tmp_path/'photos')]
+    (FOLDER[0]/'val').rename(FOLDER[0]/'valid')   # fastai's layout
+    res = compare_orders(['resnet', 'bn_after'], seeds=2, epochs=1, out=tmp_path/'c', learner=fastai_layout_learner)
+    assert list(res.stats.order) == ['conv-bn-act', 'conv-act-bn'] and len(res.runs) == 4 and res.speed is not None
+    key = json.loads((tmp_path/'c'/'config.json').read_text())
+    assert key['learner'].startswith(f'{__name__}:fastai_layout_learner#') and 'arch' not in key and 'bs' not in key
+    assert json.loads(res.runs.layer_orders[res.runs.order == 'conv-act-bn'].iloc[0])['conv-act-bn'] == 8
+    with pytest.raises(ValueError, match=r"holds runs of another configuration \(learner: "):
+        compare_orders(['resnet', 'bn_after'], seeds=2, epochs=1, out=tmp_path/'c', learner=lambda seed: None)

@@ -21,7 +21,7 @@ from .data import data_folder
 from ..timing.wandb import check_wandb_login
 from .schedulers import scheduler_config, setting_flags
 from ..core.distributed import join_ranks, first_on_rank0, rank_world
-from ..core.checks import cli_errors, check_int, check_choice
+from ..core.checks import cli_errors, check_int, check_choice, check_number
 
 # %% auto #0
 __all__ = ['comparison_plan', 'compare_orders', 'time_orders', 'compare_cli']

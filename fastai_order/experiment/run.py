@@ -116,9 +116,10 @@ class RunConfig:
         put('data', check_data(self.data))
         if self.learner is not None:
             if not isinstance(self.learner, str): raise TypeError(f"`learner` must be 'module:function' (compare_orders(learner=f) takes the function), got {self.learner!r}")
-            if theirs := [k for k in LEARNERS_OWN if getattr(self, k) != _DEFAULTS[k]]: raise ValueError(
+            if theirs := [k for k in LEARNERS_OWN if getattr(self, k) not in (_DEFAULTS[k], _filled(k))]: raise ValueError(
                 f"{', '.join(theirs)} belong to your learner {self.learner.split('#')[0]!r}: leave them out, and set them where it builds its Learner")
             if '#' not in self.learner: put('learner', learner_id(learner_function(self.learner)))
+            put('workers', None)
         if self.backend == 'compile+channels_last': put('backend', 'channels_last+compile')   # one configuration, one label
         check_arch(self.arch)
         for name, allowed in (('precision', PRECISIONS), ('backend', BACKENDS), ('pool', POOLS)): check_choice(name, getattr(self, name), allowed)
@@ -129,7 +130,7 @@ class RunConfig:
             if not ok(v): raise ValueError(f"`{name}` must be {what}, got {v!r}")
         if self.arch != 'cnn' and self.pool != 'max': raise ValueError(f"pool={self.pool!r} is the CNN's: {self.arch} pools with its stem's max pool")
         if not self.learner:   # a learner's data loaders are its own
-            if self.workers is None: put('workers', min(8, num_cpus()))
+            if self.workers is None: put('workers', _filled('workers'))
             check_int('workers', self.workers, 0)
         if self.precision != 'fp32' and not torch.cuda.is_available(): raise ValueError(
             f"precision {self.precision!r} needs CUDA: fastai's mixed precision autocasts on CUDA only, so here it would train in fp32; use 'fp32'")
@@ -161,6 +162,7 @@ class RunConfig:
 
 LEARNERS_OWN = ('data', 'arch', 'bs', 'size', 'p', 'pool', 'workers')   # settings a user's `learner` decides itself
 _DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
+def _filled(k): return min(8, num_cpus()) if k == 'workers' else _DEFAULTS[k]   # a default `RunConfig` fills in
 
 
 # %% ../../nbs/experiment/02_run.ipynb #ffc04838
