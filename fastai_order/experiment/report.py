@@ -1,4 +1,4 @@
-"""`order_stats`: each order against a baseline, accuracy paired by seed, speed from paired step times, Holm-adjusted, with the seeds a verdict would need; `Comparison`: the report that answers first, its figures and the context its times come from.
+"""`Comparison`: the report that answers first, its tables, notes and figures, and the context its times come from; its numbers are `order_stats`'.
 
 Docs: https://fastai-order.github.io/fastai_order/experiment/report.html.md"""
 
@@ -6,179 +6,19 @@ Docs: https://fastai-order.github.io/fastai_order/experiment/report.html.md"""
 
 # %% ../../nbs/experiment/04_report.ipynb #f5f2c211
 from __future__ import annotations
-import json, math, numbers, warnings
-from contextlib import contextmanager
+import json, math, numbers
 from pathlib import Path
 import numpy as np, pandas as pd
-import scipy.stats
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter, NullLocator
 from fastcore.basics import store_attr, patch
-from statsmodels.stats.multitest import multipletests
-from statsmodels.stats.power import TTestPower, TTestIndPower
-import statsmodels.tools.sm_exceptions   # its warning filters, set here once, so that `_quiet`'s come first
 from ..timing.batch_timer import PHASES, PHASE_COLORS
-from ..timing.paired import ratio_interval
 from .run import CONTEXT_TYPES
+from .stats import order_stats, quiet_warnings, MIN_TEST, SEEDS_CAP
 from ..core.files import atomic_path, atomic_write
 
 # %% auto #0
-__all__ = ['SEEDS_CAP', 'MIN_TEST', 'BUSY', 'mean_ci', 'gmean_ci', 'welch', 'welch_ratio', 'paired_t', 'prob_improvement', 'holm',
-           'seeds_needed', 'ratio_test', 'order_stats', 'Comparison']
-
-# %% ../../nbs/experiment/04_report.ipynb #b7c97e04
-@contextmanager
-def _quiet():
-    "Library warnings (scipy's 'Precision loss', numpy's, statsmodels' solver) kept from the user: the report says in words what they mean"
-    with warnings.catch_warnings(), np.errstate(all='ignore'):
-        warnings.simplefilter('ignore'); yield
-
-def mean_ci(x, level=0.95) -> tuple:
-    "(mean, half-width of its Student-t `level` interval) of `x`; the half-width is NaN for fewer than 2 values"
-    x = np.asarray(x, float)
-    if len(x) < 2: return x.mean(), np.nan
-    with _quiet(): return x.mean(), scipy.stats.t.ppf((1 + level)/2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
-
-def gmean_ci(x, level=0.95) -> tuple:
-    "(geometric mean, factor of its `level` interval: gmean ÷ factor to gmean × factor) of positive `x`"
-    m, h = mean_ci(np.log(x), level)
-    return np.exp(m), np.exp(h)
-
-def welch(a, b, level=0.95) -> tuple:
-    "(mean(a) − mean(b), half-width of its `level` interval, p) by Welch's t-test"
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if np.ptp(a) <= 1e-12 and np.ptp(b) <= 1e-12:   # no spread in either: no t, the difference is what it is
-        d = a.mean() - b.mean(); return d, 0.0, float(abs(d) <= 1e-12)
-    with _quiet():
-        r = scipy.stats.ttest_ind(a, b, equal_var=False)
-        lo, hi = r.confidence_interval(level)
-    return (lo + hi)/2, (hi - lo)/2, float(r.pvalue)
-
-def welch_ratio(a, b, level=0.95) -> tuple:
-    "(ratio of geometric means a / b, low and high ends of its `level` interval, p) by Welch's t-test on logs"
-    d, h, p = welch(np.log(a), np.log(b), level)
-    return np.exp(d), np.exp(d - h), np.exp(d + h), p
-
-def paired_t(a, b, level=0.95) -> tuple:
-    "(mean of the differences a − b, half-width of its `level` interval, p) by the paired t-test: `a[i]` and `b[i]` share a start (a seed)"
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    d, h = mean_ci(a - b, level)
-    if len(a) < 2: return d, np.nan, np.nan
-    if np.ptp(a - b) <= 1e-12: return d, 0.0, float(abs(d) <= 1e-12)   # the same difference in every pair
-    with _quiet(): return d, h, float(scipy.stats.ttest_rel(a, b).pvalue)
-
-def prob_improvement(x, y) -> float:
-    "P(X > Y) + ½ P(X = Y) over every pair of a value of `x` and one of `y`: rliable's probability of improvement (Mann–Whitney's U / nm)"
-    x, y = np.asarray(x, float)[:, None], np.asarray(y, float)[None]
-    return float(((x > y) + 0.5*(x == y)).mean())
-
-def holm(pvalues) -> np.ndarray:
-    "Holm's step-down adjustment of `pvalues` (statsmodels' `multipletests`); NaN stays NaN and is not counted"
-    p = np.asarray(pvalues, float); out = np.full(p.shape, np.nan); ok = np.isfinite(p)
-    if ok.any(): out[ok] = multipletests(p[ok], method='holm')[1]
-    return out
-
-SEEDS_CAP = 1000   # beyond this many seeds the report says "more than 1,000"
-
-def seeds_needed(diff, sd, paired=True, power=0.8, alpha=0.05, cap=SEEDS_CAP) -> float:
-    "Seeds per order a two-sided t-test at `alpha` needs to detect a true difference `diff` with `power` when seeds vary by `sd` (paired: the sd of the per-seed differences, `TTestPower`; else the sd within an order, `TTestIndPower`); `inf` above `cap` or for no difference, NaN for `sd` 0 or unknown"
-    diff, sd = abs(float(diff)), float(sd)
-    if not (np.isfinite(diff) and np.isfinite(sd) and sd > 0): return math.nan
-    d, test = diff/sd, (TTestPower() if paired else TTestIndPower())
-    with _quiet():   # the smallest n whose power is enough: power grows with n
-        enough = lambda n: not test.power(d, n, alpha) < power   # NaN: the power routine's limit, where power is ≈ 1
-        if d == 0 or not enough(cap): return math.inf
-        lo, hi = 2, cap
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if enough(mid): hi = mid
-            else: lo = mid + 1
-    return float(lo)
-
-def ratio_test(ratios, level=0.95) -> tuple:
-    "(geometric mean, low, high, p) of paired time ratios, one per repeat: `ratio_interval`'s Student-t interval on their logs, and a one-sample t-test of the logs against 0"
-    r = np.asarray(ratios, float); r = r[np.isfinite(r) & (r > 0)]
-    if len(r) == 0: return (np.nan,)*4
-    with _quiet(): g, lo, hi = ratio_interval(r, level)
-    logs = np.log(r)
-    if len(r) < 2: return g, np.nan, np.nan, np.nan
-    if np.ptp(logs) <= 1e-12: return g, g, g, float(abs(logs.mean()) <= 1e-12)
-    with _quiet(): return g, lo, hi, float(scipy.stats.ttest_1samp(logs, 0).pvalue)
-
-# %% ../../nbs/experiment/04_report.ipynb #62327627
-MIN_TEST = 3   # seeds (pairs, or runs per order) for an accuracy interval and test: at n=2, t(0.975, 1) = 12.7 makes an interval meaningless
-
-def _acc_cols(g, b, min_effect) -> dict:
-    "The accuracy of runs `g` against the baseline's `b`, in points: paired t on shared seeds, else Welch; P(improvement); seeds needed"
-    a, base = 100*g.accuracy.to_numpy(float), 100*b.accuracy.to_numpy(float)
-    pairs = g.groupby('seed').accuracy.mean().to_frame('order').join(b.groupby('seed').accuracy.mean().rename('base'), how='inner')*100
-    paired = len(pairs) >= 2
-    row = dict(acc_test='paired t' if paired else 'Welch' if min(len(a), len(base)) >= 2 else 'none',
-               acc_n=len(pairs) if paired else min(len(a), len(base)), d_acc=a.mean() - base.mean(), d_acc_sd=np.nan,
-               d_acc_lo=np.nan, d_acc_hi=np.nan, p_acc=np.nan, p_improve=prob_improvement(a, base), seeds_needed=np.nan, seeds_min_effect=np.nan)
-    if row['acc_test'] == 'none': return row
-    if paired: (d, h, p), sd = paired_t(pairs.order, pairs.base), (pairs.order - pairs.base).std(ddof=1)
-    else: (d, h, p), sd = welch(a, base), np.sqrt((a.var(ddof=1) + base.var(ddof=1))/2)
-    sd = 0.0 if sd <= 1e-9 else sd
-    row.update(d_acc=d, d_acc_sd=sd, seeds_needed=seeds_needed(d, sd, paired), seeds_min_effect=seeds_needed(min_effect, sd, paired))
-    if row['acc_n'] >= MIN_TEST:   # an interval of the difference stays where accuracies can be
-        row.update(d_acc_lo=max(d - h, -base.mean()), d_acc_hi=min(d + h, 100 - base.mean()), p_acc=p)
-    return row
-
-def _speed_cols(g, b, speed, order, baseline) -> dict:
-    "The train and inference step time of `order` over `baseline`'s: paired per-repeat ratios from `speed`, else whole runs (Welch on logs)"
-    paired = speed is not None and {order, baseline} <= set(speed.columns)
-    row = dict(speed_from='paired steps' if paired else 'whole runs')
-    for step, col, ms in (('train', 'train', 'train_ms'), ('valid', 'infer', 'valid_ms')):
-        x = lo = hi = p = np.nan; n = 0
-        if paired: t = speed[speed.step == step]; x, lo, hi, p = ratio_test(t[order] / t[baseline]); n = len(t)
-        elif ms in g:
-            n = min(len(g), len(b))
-            if n >= 2: x, lo, hi, p = welch_ratio(g[ms], b[ms])
-            else: x = scipy.stats.gmean(g[ms]) / scipy.stats.gmean(b[ms])
-        row.update({f'{col}_x': x, f'{col}_lo': lo, f'{col}_hi': hi, f'p_{col}': p, f'{col}_n': n})
-    return row
-
-def _speed_word(step, x, p, alpha):
-    if not np.isfinite(x): return f"{step} not timed"
-    if not np.isfinite(p): return f"{step} ×{x:.2f} (no test)"
-    return f"{step} {'faster' if x < 1 else 'slower'} (×{x:.2f})" if p < alpha else f"{step} not distinguishable"
-
-def _verdict(r, nb, alpha) -> str:
-    "Plain words for one order against the baseline (`nb` runs): speed from Holm-adjusted p, then accuracy"
-    if r['acc_test'] == 'none': acc = f"no test with a single run (n={r['n']} vs {nb})"
-    elif not np.isfinite(r['p_acc']): acc = f"accuracy: {r['acc_n']} seeds, too few for a test"
-    elif r['p_acc_holm'] < alpha: acc = f"{'more' if r['d_acc'] > 0 else 'less'} accurate ({r['d_acc']:+.2f} points)".replace('-', '−')
-    else: acc = f"accuracy not distinguishable at n={r['acc_n']}"
-    if r['acc_test'] == 'none' and not np.isfinite(r['p_train']) and not np.isfinite(r['p_infer']): return acc
-    return f"{_speed_word('train step', r['train_x'], r['p_train_holm'], alpha)}, {_speed_word('inference', r['infer_x'], r['p_infer_holm'], alpha)}; {acc}"
-
-_STATS_COLS = ['order', 'n', 'acc', 'acc_sd', 'acc_lo', 'acc_hi', 'acc_test', 'acc_n', 'd_acc', 'd_acc_sd', 'd_acc_lo', 'd_acc_hi',
-               'p_acc', 'p_acc_holm', 'p_improve', 'seeds_needed', 'seeds_min_effect', 'speed_from', 'train_n', 'train_x', 'train_lo', 'train_hi',
-               'p_train', 'p_train_holm', 'infer_n', 'infer_x', 'infer_lo', 'infer_hi', 'p_infer', 'p_infer_holm', 'train_ms', 'train_ms_factor', 'valid_ms',
-               'valid_ms_factor']
-
-def order_stats(runs:pd.DataFrame, orders=None, baseline=None, speed:pd.DataFrame|None=None, min_effect:float=0.5, alpha=0.05) -> pd.DataFrame:
-    "Per order against `baseline`: accuracy in % (mean, sd, clipped 95 % CI), its paired or Welch test, train and inference time ratios (paired `speed`, else whole runs), Holm-adjusted p, seeds needed, verdict"
-    orders = [o for o in (orders if orders is not None else runs.order.unique()) if o in set(runs.order)]
-    baseline = baseline or orders[0]
-    b, rows = runs[runs.order == baseline], []
-    for order in orders:
-        g = runs[runs.order == order]
-        acc, h = mean_ci(100*g.accuracy)
-        sd = g.accuracy.std(ddof=1)*100 if len(g) > 1 else np.nan
-        ms, ms_f = gmean_ci(g.train_ms)
-        row = dict(order=order, n=len(g), acc=acc, acc_sd=0.0 if sd <= 1e-9 else sd,
-                   acc_lo=max(acc - h, 0) if len(g) >= MIN_TEST else np.nan, acc_hi=min(acc + h, 100) if len(g) >= MIN_TEST else np.nan,
-                   **(dict(acc_test='', acc_n=len(g), train_n=0, infer_n=0, train_x=1.0, infer_x=1.0, speed_from='paired steps' if speed is not None else 'whole runs')
-                      if order == baseline else {**_acc_cols(g, b, min_effect), **_speed_cols(g, b, speed, order, baseline)}),
-                   train_ms=ms, train_ms_factor=ms_f, **dict(zip(('valid_ms', 'valid_ms_factor'), gmean_ci(g.valid_ms) if 'valid_ms' in g else (np.nan,)*2)))
-        rows.append(row)
-    st = pd.DataFrame(rows).reindex(columns=_STATS_COLS).astype(dict(acc_n=int, train_n=int, infer_n=int))
-    st['p_acc_holm'] = holm(st.p_acc)
-    st[['p_train_holm', 'p_infer_holm']] = holm(np.r_[st.p_train, st.p_infer]).reshape(2, -1).T   # one family: every speed test
-    st['verdict'] = [('baseline' if r['order'] == baseline else _verdict(r, len(b), alpha)) for r in st.to_dict('records')]
-    return st
+__all__ = ['BUSY', 'Comparison']
 
 # %% ../../nbs/experiment/04_report.ipynb #1815ca73
 BUSY = 0.1   # share of the machine's cores that other processes may use during a run before the report warns
@@ -503,7 +343,7 @@ def figures(self:Comparison) -> dict:
 def save(self:Comparison, folder) -> Path:
     "Write `report.md` and each of `figures()` as a PNG (`accuracy.png`, `tradeoff.png`, …) to `folder`, atomically"
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    with _quiet():
+    with quiet_warnings():
         for name, draw in self.figures().items():
             fig = _figure(draw())
             with atomic_path(folder/f'{name}.png') as tmp: fig.savefig(tmp, dpi=120, bbox_inches='tight', format='png')
