@@ -17,7 +17,8 @@ from .timing import wandb as _wandb   # fixes fastai's WandbCallback on import
 from .experiment.data import get_dls
 from .experiment.run import RunConfig, train_run
 from .experiment.results import RunsFolder
-from .experiment.report import order_stats, Comparison
+from .experiment.stats import order_stats
+from .experiment.report import Comparison
 from .experiment.compare import compare_orders
 
 __all__ = ['LayerOrder', 'list_presets', 'register_act', 'register_norm', 'register_norm_act',
