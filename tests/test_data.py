@@ -1,5 +1,9 @@
 "`get_dls` on small folders in Imagenette's layout (real JPEGs, WordNet-id class folders) and in fastai's (PNGs, some not RGB), by path and by name through fastai's data folder with the download step excluded; the recipes; `check_images`; MNIST's digits as tensors; and the errors."
 import numpy as np, pytest, torch
+from torch import nn
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.metrics import accuracy
 from PIL import Image
 from fastai.data.external import fastai_cfg
 import fastai_order.experiment.data as data
@@ -157,3 +161,13 @@ def test_mnist_digits_are_tensors_in_memory(size):
     assert xt.shape == (50, 3, size, size) and not torch.equal(xt, dls.valid.one_batch()[0])
     img, label = dls.valid.decode_batch((x, y), max_n=2)[0]
     assert img.shape == (3, size, size) and label == str(y[0].item())
+
+
+def test_a_learner_trains_on_digits_in_memory():
+    dls = get_dls('mnist', size=28, bs=500)
+    learn = Learner(dls, nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, 10)), metrics=accuracy)
+    assert isinstance(learn.loss_func, CrossEntropyLossFlat)   # inferred, as from a folder's labels
+    with learn.no_logging(): learn.fit(1, 1e-2)
+    assert learn.recorder.values[-1][2] > 0.7
+    preds, targs, decoded = learn.get_preds(with_decoded=True)
+    assert preds.shape == (1000, 10) and (targs == dls.valid_ds.y).all() and decoded.shape == (1000,)

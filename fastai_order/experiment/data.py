@@ -17,6 +17,7 @@ from fastai.data.block import DataBlock, CategoryBlock
 from fastai.data.core import DataLoaders, FilteredBase, TfmdDL
 from fastai.data.external import URLs, untar_data, fastai_path
 from fastai.data.transforms import GrandparentSplitter, get_image_files, parent_label, Normalize, IntToFloatTensor, Category, CategoryMap
+from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import TensorImage, TensorCategory, num_cpus
 from fastai.vision.data import ImageBlock, imagenet_stats
 from fastai.vision.augment import RandomResizedCrop, FlipItem, Resize, aug_transforms
@@ -75,7 +76,7 @@ def mnist_tensors(size:int=28):
     if size != 28: x = F.interpolate(x.float(), size=(size, size), mode='bilinear', antialias=True).round().clamp(0, 255).to(torch.uint8)
     return x, y
 
-# %% ../../nbs/experiment/01_data.ipynb #afd11659
+# %% ../../nbs/experiment/01_data.ipynb #fdded3ae
 class TensorDL(TfmdDL):
     "A `TfmdDL` that takes each batch from its dataset at once: one indexing of its tensors, no work per item"
     def create_batches(self, samps):
@@ -102,6 +103,8 @@ class TensorImages(FilteredBase):
     def decode(self, o, full=True): return o[0], Category(self.vocab[int(o[1])])
     @property
     def c(self): return len(self.vocab)
+    @property
+    def loss_func(self): return CrossEntropyLossFlat()   # what a `Learner` takes from `Categorize` otherwise
 
 # %% ../../nbs/experiment/01_data.ipynb #9850d198
 def _valid_name(path) -> str:
@@ -163,7 +166,7 @@ def data_folder(name_or_path, recipe:str|None=None) -> Path|None:
     data = check_data(name_or_path)
     return _folder(data, check_recipe(recipe, data))
 
-# %% ../../nbs/experiment/01_data.ipynb #9ab9c2d3
+# %% ../../nbs/experiment/01_data.ipynb #484fd6a6
 def _image_error(fn) -> str|None:
     "Why `fn` cannot be read as the RGB image `ImageBlock` reads (fastai's `verify_image`, with the reason), or `None`"
     try:
