@@ -171,3 +171,24 @@ def test_orders_of_your_own_learner_are_compared_and_a_changed_function_is_refus
     assert json.loads(res.runs.layer_orders[res.runs.order == 'conv-act-bn'].iloc[0])['conv-act-bn'] == 8
     with pytest.raises(ValueError, match=r"holds runs of another configuration \(learner: "):
         compare_orders(['resnet', 'bn_after'], seeds=2, epochs=1, out=tmp_path/'c', learner=lambda seed: None)
+
+
+def test_a_folder_in_fastais_layout_with_a_one_batch_validation_set_is_compared(tiny_data, tmp_path):
+    import shutil
+    folder = shutil.copytree(tiny_data, tmp_path/'photos')
+    (folder/'val').rename(folder/'valid')
+    for f in sorted((folder/'valid').rglob('*.*'))[3:]: f.unlink()   # 3 images: one batch of 4
+    res = compare_orders(['resnet', 'bn_after'], seeds=1, data=str(folder), out=tmp_path/'c', **TINY)
+    assert (res.runs.valid_ms > 0).all() and len(res.runs) == 2
+
+
+def test_an_unreadable_image_is_named_in_one_line_before_anything_trains(tiny_data, tmp_path, monkeypatch):
+    import shutil
+    monkeypatch.setattr(engines, 'train_run', lambda *a, **k: pytest.fail('trained'))
+    folder = shutil.copytree(tiny_data, tmp_path/'photos')
+    bad = sorted((folder/'train').rglob('*.*'))[0]
+    bad.write_bytes(b'not an image')
+    with pytest.raises(SystemExit) as e:
+        compare_cli(orders='resnet', data=str(folder), seeds=1, out=str(tmp_path/'c'), **TINY)
+    assert str(e.value).count('\n') == 0 and f"'{bad}' cannot be read" in str(e.value)
+    assert not (tmp_path/'c').exists()

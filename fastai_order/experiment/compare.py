@@ -17,7 +17,7 @@ from .speed import step_times
 from .results import RunsFolder, runs_table
 from .engines import RayEngine, get_engine, train_grid, ENGINES
 from .report import Comparison
-from .data import data_folder
+from .data import data_folder, check_images
 from ..timing.wandb import check_wandb_login
 from .schedulers import scheduler_config, setting_flags
 from ..core.distributed import join_ranks, first_on_rank0, rank_world
@@ -73,7 +73,7 @@ def compare_orders(orders=('resnet', 'bn_after', 'pool_before_bn'), config:RunCo
     for cfg in todo: folder.read(cfg)   # a damaged run file stops here
     if config.wandb: check_wandb_login()
     join_ranks()   # a data-parallel comparison (started by torchrun on every rank): their process group
-    if not config.learner: first_on_rank0(lambda: data_folder(config.data))   # a failed download stops here, on every rank
+    if not config.learner: first_on_rank0(lambda: (data_folder(config.data, config.recipe), check_images(config.data)))   # a failed download or an unreadable image stops here, on every rank
     for cfg in grid[:len(given)]: check_builds(cfg, learner=learner)   # each order's model, once
     group = experiment or folder.path.resolve().name
     if rank_world()[0]: train_grid(folder, todo, group, engine, learner); return None   # the other ranks follow rank 0, which reports

@@ -18,7 +18,7 @@ import fastai.callback.schedule, fastai.callback.progress  # fit_one_cycle, no_b
 from ..model.order import LayerOrder
 from ..model.layers import ordered_cnn, ordered_xresnet, XRESNET_ARCHS
 from ..rewrite.swap import swap_order, realised_orders
-from .data import check_data, get_dls
+from .data import check_data, check_recipe, get_dls
 from .setting import Setting, PRECISIONS, BACKENDS
 from ..timing.batch_timer import BatchTimer, PHASES
 from ..timing.wandb import check_wandb_login, random_state_kept
@@ -88,25 +88,26 @@ def learner_function(ref:str):
 
 
 # %% ../../nbs/experiment/02_run.ipynb #e3e0846f
-LATER_SETTINGS = dict(ranks=1, learner=None)   # settings added after comparisons were first written, with the value their runs had
+LATER_SETTINGS = dict(ranks=1, learner=None, recipe=None)   # settings added after comparisons were first written, with the value their runs had
 
 @dataclass(frozen=True)
 class RunConfig:
     "Everything that makes a training run what it is, checked when made; `order` is the order the model realises"
-    data:str='mnist' # 'mnist' (offline), a dataset ('imagenette-160', 'imagenette-320', 'imagenette', 'imagewoof-160', …) or a folder in Imagenette's layout
+    data:str='mnist' # 'mnist' (offline), a dataset ('imagenette-160', 'imagenette-320', 'imagenette', 'imagewoof-160', …) or a folder in fastai's (train/ + valid/) or Imagenette's (train/ + val/) layout
     arch:str='cnn' # 'cnn' (`ordered_cnn`, widths 32, 64, 128), a fastai XResNet ('xresnet18', …), or the model `vision_learner` builds from 'torchvision:NAME' or 'timm:NAME' (not pretrained), put in each order by `swap_order`
     order:str='resnet' # a preset or spec of the conv blocks' order
     epochs:int=3 # epochs of the run's `fit_one_cycle`
     lr:float=3e-3 # peak learning rate of `fit_one_cycle`
     bs:int=64 # batch size
     size:int=28 # image size in pixels
+    recipe:str|None=None # the data's transforms: 'photo' (fastai's Imagenette recipe) or 'digits' (no flips); `None`: digits for 'mnist', photo otherwise
     precision:str='fp32' # 'fp32', or fastai's mixed precision 'bf16' or 'fp16' (CUDA only: fastai autocasts on CUDA)
     backend:str='eager' # 'eager', 'channels_last', 'compile' (`torch.compile`) or both: 'channels_last+compile'
     warmup:int=2 # batches of each split run, then undone, before the timed fit (compilation, cuDNN's kernel choice: see `warm_up`); 0: none
     p:float=0. # the CNN's dropout probability after each block (needed for 'drop' in an order)
     pool:str='max' # the CNN's pooling after each block: 'max' or 'avg'
     seed:int=0 # seed of the initial weights and of the data order
-    workers:int|None=None # data loader workers (they draw the augmentations); `None`: min(8, CPUs)
+    workers:int|None=None # data loader workers (they draw the augmentations; MNIST's digits in memory need none); `None`: min(8, CPUs)
     wandb:bool=False # log the run to W&B, grouped by its comparison's out folder (it changes no result: see `fix_wandb_randomness`)
     ranks:int|None=None # data-parallel ranks it trains on, `bs` images each; `None`: as many as the launcher started (`torchrun`, `accelerate launch`), else 1
     learner:str|None=None # your own `Learner`: 'module:function', a function taking the seed and returning it (its data, model, batch size and size are its own), put in each order by `swap_order`
@@ -114,6 +115,7 @@ class RunConfig:
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)
         put('data', check_data(self.data))
+        check_recipe(self.recipe)
         if self.learner is not None:
             if not isinstance(self.learner, str): raise TypeError(f"`learner` must be 'module:function' (compare_orders(learner=f) takes the function), got {self.learner!r}")
             if theirs := [k for k in LEARNERS_OWN if getattr(self, k) not in (_DEFAULTS[k], _filled(k))]: raise ValueError(
@@ -160,7 +162,7 @@ class RunConfig:
         types = typing.get_type_hints(cls)
         return {f.name: inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=types[f.name]) for f in fields(cls)}
 
-LEARNERS_OWN = ('data', 'arch', 'bs', 'size', 'p', 'pool', 'workers')   # settings a user's `learner` decides itself
+LEARNERS_OWN = ('data', 'arch', 'bs', 'size', 'recipe', 'p', 'pool', 'workers')   # settings a user's `learner` decides itself
 _DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
 def _filled(k): return min(8, num_cpus()) if k == 'workers' else _DEFAULTS[k]   # a default `RunConfig` fills in
 
@@ -226,7 +228,7 @@ def run_learner(cfg:RunConfig, cbs=None, learner=None) -> Learner:
         _metrics_with_accuracy(learn).model.to(learn.dls.device)
     else:
         set_seed(cfg.seed)
-        dls = get_dls(cfg.data, size=cfg.size, bs=cfg.bs, num_workers=cfg.workers, pin_memory=default_device().type == 'cuda')
+        dls = get_dls(cfg.data, size=cfg.size, bs=cfg.bs, num_workers=cfg.workers, recipe=cfg.recipe, pin_memory=default_device().type == 'cuda')
         set_seed(cfg.seed)
         learn = Learner(dls, build_model(cfg, dls.c).to(dls.device), metrics=accuracy, cbs=cbs)
     return Setting(str(learn.dls.device), cfg.precision, cfg.backend).apply(learn)
