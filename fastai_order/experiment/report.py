@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter, NullLocator
-from fastcore.basics import store_attr, patch
+from fastcore.basics import store_attr
 from ..timing.batch_timer import PHASES, PHASE_COLORS
 from .run import CONTEXT_TYPES
 from .stats import order_stats, quiet_warnings, MIN_TEST, SEEDS_CAP
@@ -59,6 +59,26 @@ def _seeds_words(r, min_effect):
     m = f"{r.seeds_min_effect:,.0f}" if _ok(r.seeds_min_effect) else f"more than {SEEDS_CAP:,}"
     return f"{obs}; {m} seeds a {min_effect:g}-point one (80 % power)"
 
+# %% ../../nbs/experiment/04_report.ipynb #5077daea
+def _histories(runs) -> pd.DataFrame:
+    "The runs' per-epoch histories, a row per run and epoch (order, seed, epoch, train_loss, valid_loss, accuracy); empty where none was kept"
+    if 'history' not in runs: return pd.DataFrame()
+    rows = [dict(order=r.order, seed=r.seed, **e) for r in runs.itertuples() if isinstance(r.history, (str, list))
+            for e in (json.loads(r.history) if isinstance(r.history, str) else r.history)]
+    return pd.DataFrame(rows)
+
+def _figure(drawn): return (drawn.flat[0] if isinstance(drawn, np.ndarray) else drawn).figure
+
+def _plain_log_axis(ax, axis='x'):
+    "Label a log axis with plain numbers (70, 80, 90; 0.9, 1, 1.1), not 7×10¹, with a few ticks where its range is narrow"
+    a, (lo, hi) = (ax.xaxis, ax.get_xlim()) if axis == 'x' else (ax.yaxis, ax.get_ylim())
+    if hi / lo < 30:
+        ticks = [t for t in MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= t <= hi and t > 0]
+        a.set_major_locator(FixedLocator(ticks)); a.set_minor_locator(NullLocator())
+    else: a.set_minor_formatter(NullFormatter())
+    a.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))
+
+# %% ../../nbs/experiment/04_report.ipynb #6ee19df1
 class Comparison:
     "The runs of a comparison (a `runs_table`) and their paired step times (`speed`), their statistics against `baseline`, and the report: answer, tables, notes, figures"
     def __init__(self, runs:pd.DataFrame, orders=None, baseline=None, config:dict|None=None, speed:pd.DataFrame|None=None,
@@ -168,184 +188,155 @@ class Comparison:
         cols = _context_cols(self.runs)
         return (self.runs.groupby(cols, dropna=False).agg(runs=('order', 'size'), max_other_load=('other_load', 'max')).reset_index())
 
-# %% ../../nbs/experiment/04_report.ipynb #5077daea
-def _histories(runs) -> pd.DataFrame:
-    "The runs' per-epoch histories, a row per run and epoch (order, seed, epoch, train_loss, valid_loss, accuracy); empty where none was kept"
-    if 'history' not in runs: return pd.DataFrame()
-    rows = [dict(order=r.order, seed=r.seed, **e) for r in runs.itertuples() if isinstance(r.history, (str, list))
-            for e in (json.loads(r.history) if isinstance(r.history, str) else r.history)]
-    return pd.DataFrame(rows)
-
-def _figure(drawn): return (drawn.flat[0] if isinstance(drawn, np.ndarray) else drawn).figure
-
-def _plain_log_axis(ax, axis='x'):
-    "Label a log axis with plain numbers (70, 80, 90; 0.9, 1, 1.1), not 7×10¹, with a few ticks where its range is narrow"
-    a, (lo, hi) = (ax.xaxis, ax.get_xlim()) if axis == 'x' else (ax.yaxis, ax.get_ylim())
-    if hi / lo < 30:
-        ticks = [t for t in MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= t <= hi and t > 0]
-        a.set_major_locator(FixedLocator(ticks)); a.set_minor_locator(NullLocator())
-    else: a.set_minor_formatter(NullFormatter())
-    a.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))
-
-@patch
-def plot_accuracy(self:Comparison, ax=None):
-    "Mean final accuracy per order with its 95 % interval (from 3 seeds; within 0–100 %), and every run as a dot"
-    ax = ax or plt.subplots(figsize=(6, 0.8 + 0.5*len(self.orders)))[1]
-    s = self.stats
-    for i, r in enumerate(s.itertuples()):
-        err = np.clip([[r.acc - r.acc_lo], [r.acc_hi - r.acc]], 0, None) if _ok(r.acc_lo) else None
-        ax.errorbar(r.acc, i, xerr=err, fmt='o', color='#4c72b0', capsize=4)
-        acc = 100*self.runs.accuracy[self.runs.order == r.order]
-        ax.plot(acc, [i + 0.15]*len(acc), 'k.', ms=4, alpha=0.6)
-    ends = np.r_[100*self.runs.accuracy, s.acc_lo.dropna(), s.acc_hi.dropna()]
-    pad = max(0.5, 0.1*(ends.max() - ends.min()))
-    ax.set_xlim(max(0, ends.min() - pad), min(100, ends.max() + pad))
-    ax.set_yticks(range(len(s)), s.order); ax.set_ylim(len(s) - 0.5, -0.5)
-    ax.set_xlabel(f'final valid accuracy, % (mean, 95 % CI from {MIN_TEST} seeds; dots: runs)'); ax.set_title('Accuracy')
-    return ax
-
-@patch
-def plot_seeds(self:Comparison, ax=None):
-    "Each seed's final accuracy in each order, joined by a line: the pairing the paired test uses"
-    ax = ax or plt.subplots(figsize=(1.5 + 1.4*len(self.orders), 4))[1]
-    acc = self.runs.pivot_table(index='seed', columns='order', values='accuracy')[self.orders]*100
-    for seed, row in acc.iterrows(): ax.plot(range(len(self.orders)), row.values, 'o-', alpha=0.7, label=f'seed {seed}')
-    ax.set_xticks(range(len(self.orders)), self.orders, rotation=15 if len(self.orders) > 3 else 0, fontsize=8)
-    ax.set_ylabel('final valid accuracy, %'); ax.set_title('Each seed in each order (the same start per seed)')
-    if len(acc) <= 12: ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False)
-    return ax
-
-@patch
-def plot_curves(self:Comparison, axs=None):
-    "Training curves per order: valid accuracy and valid loss by epoch, mean over seeds (thin: each seed)"
-    axs = plt.subplots(1, 2, figsize=(10, 3.6))[1] if axs is None else axs
-    h = _histories(self.runs)
-    for i, o in enumerate(self.orders):
-        g, c = h[h.order == o], f'C{i}'
-        if not len(g): continue
-        for ax, col, f in ((axs[0], 'accuracy', 100), (axs[1], 'valid_loss', 1)):
-            for _, s in g.groupby('seed'): ax.plot(s.epoch + 1, f*s[col], color=c, lw=0.6, alpha=0.35)
-            m = g.groupby('epoch')[col].mean()
-            ax.plot(m.index + 1, f*m.values, 'o-', color=c, ms=3, label=o)
-    for ax, lab in zip(axs, ('valid accuracy, %', 'valid loss')):
-        ax.set_xlabel('epoch'); ax.set_ylabel(lab); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axs[0].set_title('Valid accuracy by epoch (mean over seeds)'); axs[1].set_title('Valid loss by epoch (mean over seeds)')
-    axs[1].legend(fontsize=7)
-    return axs
-
-@patch
-def plot_phases(self:Comparison, ax=None):
-    "Stacked mean train time per batch by phase, per order (whole runs)"
-    ax = ax or plt.subplots(figsize=(7, 0.9 + 0.5*len(self.orders)))[1]
-    means = self.runs.groupby('order', sort=False)[[f'train_{p}_ms' for p in PHASES]].mean().loc[self.stats.order]
-    left = np.zeros(len(means))
-    for p in PHASES:
-        ax.barh(means.index, means[f'train_{p}_ms'], left=left, color=PHASE_COLORS[p], label=p); left += means[f'train_{p}_ms'].values
-    ax.set_xlabel('train ms per batch (mean of whole runs)'); ax.invert_yaxis(); ax.set_title('Where a train batch goes')
-    ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False)
-    return ax
-
-@patch
-def plot_speed(self:Comparison, ax=None):
-    "Each order's train step and inference time over the baseline's, with 95 % intervals (log axis: ×0.8 and ×1.25 equally far from 1)"
-    s = self.stats[self.stats.order != self.baseline]
-    ax = ax or plt.subplots(figsize=(6.5, 1.2 + 0.6*max(len(s), 1)))[1]
-    for j, (col, lab, c) in enumerate((('train', 'train step', '#4c72b0'), ('infer', 'inference', '#dd8452'))):
+    def plot_accuracy(self, ax=None):
+        "Mean final accuracy per order with its 95 % interval (from 3 seeds; within 0–100 %), and every run as a dot"
+        ax = ax or plt.subplots(figsize=(6, 0.8 + 0.5*len(self.orders)))[1]
+        s = self.stats
         for i, r in enumerate(s.itertuples()):
-            x, lo, hi = getattr(r, f'{col}_x'), getattr(r, f'{col}_lo'), getattr(r, f'{col}_hi')
-            if _ok(x): ax.errorbar(x, i + 0.15*(2*j - 1), xerr=[[x - lo], [hi - x]] if _ok(lo) else None, fmt='o', color=c, capsize=4,
-                                   label=lab if i == 0 else None)
-    ax.axvline(1, color='k', lw=0.8, ls='--')
-    ax.set_yticks(range(len(s)), s.order); ax.set_ylim(max(len(s), 1) - 0.5, -0.5); ax.set_xscale('log')
-    paired = (s.speed_from == 'paired steps').all()
-    ax.set_xlabel(f"time per step, × {self.baseline}'s (log scale; faster ←)")
-    ax.set_title('Speed, ' + ('paired step timing' if paired else 'whole runs (no paired timing)') + ', 95 % CI')
-    if len(s): ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False)
-    _plain_log_axis(ax)
-    return ax
+            err = np.clip([[r.acc - r.acc_lo], [r.acc_hi - r.acc]], 0, None) if _ok(r.acc_lo) else None
+            ax.errorbar(r.acc, i, xerr=err, fmt='o', color='#4c72b0', capsize=4)
+            acc = 100*self.runs.accuracy[self.runs.order == r.order]
+            ax.plot(acc, [i + 0.15]*len(acc), 'k.', ms=4, alpha=0.6)
+        ends = np.r_[100*self.runs.accuracy, s.acc_lo.dropna(), s.acc_hi.dropna()]
+        pad = max(0.5, 0.1*(ends.max() - ends.min()))
+        ax.set_xlim(max(0, ends.min() - pad), min(100, ends.max() + pad))
+        ax.set_yticks(range(len(s)), s.order); ax.set_ylim(len(s) - 0.5, -0.5)
+        ax.set_xlabel(f'final valid accuracy, % (mean, 95 % CI from {MIN_TEST} seeds; dots: runs)'); ax.set_title('Accuracy')
+        return ax
 
-@patch
-def plot_tradeoff(self:Comparison, ax=None):
-    "Accuracy against train step time (log axis): each order's mean with 95 % intervals, each run a dot"
-    ax = ax or plt.subplots(figsize=(5.5, 4))[1]
-    paired = (self.stats.speed_from == 'paired steps').all()
-    for r in self.stats.itertuples():
-        g = self.runs[self.runs.order == r.order]
-        x, lo, hi = (r.train_x, r.train_lo, r.train_hi) if paired else (r.train_ms, r.train_ms/r.train_ms_factor, r.train_ms*r.train_ms_factor)
-        pts = ax.plot(g.train_ms if not paired else [x]*len(g), 100*g.accuracy, '.', alpha=0.4)[0]
-        ax.errorbar(x, r.acc, xerr=[[x - lo], [hi - x]] if _ok(lo) else None, yerr=np.clip([[r.acc - r.acc_lo], [r.acc_hi - r.acc]], 0, None) if _ok(r.acc_lo) else None,
-                    fmt='o', color=pts.get_color(), capsize=4, label=r.order)
-    ax.set_xscale('log')
-    ax.set_xlabel((f"train step time, × {self.baseline}'s" if paired else 'train ms per batch, whole runs') + ', log scale (faster ←)')
-    ax.set_ylabel('final valid accuracy, %'); ax.legend(fontsize=7); ax.set_title('Accuracy against speed')
-    _plain_log_axis(ax)
-    return ax
+    def plot_seeds(self, ax=None):
+        "Each seed's final accuracy in each order, joined by a line: the pairing the paired test uses"
+        ax = ax or plt.subplots(figsize=(1.5 + 1.4*len(self.orders), 4))[1]
+        acc = self.runs.pivot_table(index='seed', columns='order', values='accuracy')[self.orders]*100
+        for seed, row in acc.iterrows(): ax.plot(range(len(self.orders)), row.values, 'o-', alpha=0.7, label=f'seed {seed}')
+        ax.set_xticks(range(len(self.orders)), self.orders, rotation=15 if len(self.orders) > 3 else 0, fontsize=8)
+        ax.set_ylabel('final valid accuracy, %'); ax.set_title('Each seed in each order (the same start per seed)')
+        if len(acc) <= 12: ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False)
+        return ax
 
-# %% ../../nbs/experiment/04_report.ipynb #6ee19df1
-@patch
-def notes(self:Comparison) -> list:
-    "What a reader must know before trusting the answer: where the speed comes from, mixed contexts, a busy machine, wide intervals, partial orders, missing curves"
-    notes, runs, st = [], self.runs, self.stats
-    if (st.speed_from == 'whole runs').any(): notes.append(
-        "Speed here comes from whole runs, one after another (this folder has no paired step timing, speed.csv): they carry the "
-        "machine's drift and the data loading, which is the same for every order, so their verdicts are weaker than paired timing's.")
-    differ = {c: runs[c].value_counts() for c in _context_cols(runs) if runs[c].nunique() > 1}
-    if differ: notes.append("⚠ The runs come from different contexts, so their times are not comparable: " + '; '.join(
-        f"{c}: " + ', '.join(f"{v} ({n} runs)" for v, n in vc.items()) for c, vc in differ.items()) + '.')
-    busy = runs[runs.other_load > BUSY]
-    if len(busy): notes.append(
-        f"⚠ Other processes kept {100*busy.other_load.min():.0f}–{100*busy.other_load.max():.0f} % of the machine's cores busy during "
-        f"{len(busy)} of {len(runs)} runs ({', '.join(f'{r.order} seed {r.seed}' for r in busy.itertuples())}): their times are slower and "
-        "the intervals wider. Re-run those on a quiet machine (delete their files in runs/) for times to trust.")
-    for r in st[st.speed_from == 'whole runs'].itertuples():
-        if r.n > 1 and r.train_ms_factor > 1.2:
-            t = runs.train_ms[runs.order == r.order]
-            notes.append(f"The time interval of {r.order} is wide (×/÷ {r.train_ms_factor:.2f}): its {r.n} runs took {t.min():.1f} to {t.max():.1f} ms "
-                         "per batch" + (" while the machine was busy (above)." if len(busy) else ", with no other load seen: few runs, or a noisy machine."))
-    for o in self.orders:
-        layers = json.loads(runs.layer_orders[runs.order == o].iloc[0]) if 'layer_orders' in runs else {}
-        if len(layers) > 1 and layers.get(o) == 1:
-            notes.append(f"{o} is realised in 1 conv layer (the stem); the other layers, in the same order without the ops they lack: "
-                         + ', '.join(f"{n} × {k}" for k, n in layers.items() if k != o) + '.')
-    if not len(_histories(runs)): notes.append("These runs have no per-epoch history (recorded before it was kept): no training curves.")
-    return notes
+    def plot_curves(self, axs=None):
+        "Training curves per order: valid accuracy and valid loss by epoch, mean over seeds (thin: each seed)"
+        axs = plt.subplots(1, 2, figsize=(10, 3.6))[1] if axs is None else axs
+        h = _histories(self.runs)
+        for i, o in enumerate(self.orders):
+            g, c = h[h.order == o], f'C{i}'
+            if not len(g): continue
+            for ax, col, f in ((axs[0], 'accuracy', 100), (axs[1], 'valid_loss', 1)):
+                for _, s in g.groupby('seed'): ax.plot(s.epoch + 1, f*s[col], color=c, lw=0.6, alpha=0.35)
+                m = g.groupby('epoch')[col].mean()
+                ax.plot(m.index + 1, f*m.values, 'o-', color=c, ms=3, label=o)
+        for ax, lab in zip(axs, ('valid accuracy, %', 'valid loss')):
+            ax.set_xlabel('epoch'); ax.set_ylabel(lab); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if len(h): ax.set_xlim(0.5, h.epoch.max() + 1.5)
+        axs[0].set_title('Valid accuracy by epoch (mean over seeds)'); axs[1].set_title('Valid loss by epoch (mean over seeds)')
+        axs[1].legend(fontsize=7)
+        return axs
 
-@patch
-def markdown(self:Comparison) -> str:
-    "The whole report, answer first: sentences, table, tests, how to read them, notes, contexts, figures"
-    cfg = ', '.join(f'{k}={v}' for k, v in (self.config or {}).items())
-    notes = '\n'.join(f"- {n}" for n in self.notes())
-    sp = self.stats.iloc[1:]
-    how = (f"Accuracy: where an order and {self.baseline} share seeds (the same start), a paired t-test on the per-seed differences, "
-           f"else Welch's test; intervals stay within 0–100 %; below {MIN_TEST} seeds, no interval and no test. Speed: "
-           + (f"each order's train step (forward, loss, backward, step) and inference step timed against {self.baseline}'s, interleaved, "
-              f"{int(sp.train_n.max()) if len(sp) and _ok(sp.train_n.max()) else 0} repeats; ratios taken within a repeat, their interval and "
-              "t-test on logs." if (sp.speed_from == 'paired steps').all() else "whole-run times per batch, Welch's test on logs.")
-           + f" p-values are Holm-adjusted within accuracy and within speed; verdicts at α = {self.alpha:g}. P(better) is rliable's probability "
-           "of improvement: the chance that a run of the order beats a run of the baseline. Seeds needed: 80 % power, from the observed spread.")
-    figs = '\n'.join(f"![{n}]({n}.png)" for n in self.figures())
-    return (f"# Order comparison\n\n{' '.join(self.headline())}\n\n{cfg + '; ' if cfg else ''}seeds: {sorted(self.runs.seed.unique().tolist())}\n\n{self.table()}\n\n"
-            + (f"## Tests against {self.baseline}\n\n{self.tests()}\n\n{how}\n\n" if len(sp) else '')
-            + f"## Whole runs\n\nTimes per batch of the runs themselves, data loading included: context for the speed above.\n\n{self.whole_runs()}\n\n"
-            + (f"## Read before trusting the answer\n\n{notes}\n\n" if notes else '')
-            + f"## Where the times come from\n\n{_markdown_table(self.contexts())}\n\n## Figures\n\n{figs}\n")
+    def plot_phases(self, ax=None):
+        "Stacked mean train time per batch by phase, per order (whole runs)"
+        ax = ax or plt.subplots(figsize=(7, 0.9 + 0.5*len(self.orders)))[1]
+        means = self.runs.groupby('order', sort=False)[[f'train_{p}_ms' for p in PHASES]].mean().loc[self.stats.order]
+        left = np.zeros(len(means))
+        for p in PHASES:
+            ax.barh(means.index, means[f'train_{p}_ms'], left=left, color=PHASE_COLORS[p], label=p); left += means[f'train_{p}_ms'].values
+        ax.set_xlabel('train ms per batch (mean of whole runs)'); ax.invert_yaxis(); ax.set_title('Where a train batch goes')
+        ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False)
+        return ax
 
-@patch
-def figures(self:Comparison) -> dict:
-    "The report's figures that these runs can draw: name → method drawing it (returns its figure)"
-    f = dict(speed=self.plot_speed, accuracy=self.plot_accuracy)
-    if len(self.orders) > 1 and self.runs.seed.duplicated().any(): f['seeds'] = self.plot_seeds
-    if len(_histories(self.runs)): f['curves'] = self.plot_curves
-    if all(f'train_{p}_ms' in self.runs for p in PHASES): f['phases'] = self.plot_phases
-    return {**f, 'tradeoff': self.plot_tradeoff}
+    def plot_speed(self, ax=None):
+        "Each order's train step and inference time over the baseline's, with 95 % intervals (log axis: ×0.8 and ×1.25 equally far from 1)"
+        s = self.stats[self.stats.order != self.baseline]
+        ax = ax or plt.subplots(figsize=(6.5, 1.2 + 0.6*max(len(s), 1)))[1]
+        for j, (col, lab, c) in enumerate((('train', 'train step', '#4c72b0'), ('infer', 'inference', '#dd8452'))):
+            for i, r in enumerate(s.itertuples()):
+                x, lo, hi = getattr(r, f'{col}_x'), getattr(r, f'{col}_lo'), getattr(r, f'{col}_hi')
+                if _ok(x): ax.errorbar(x, i + 0.15*(2*j - 1), xerr=[[x - lo], [hi - x]] if _ok(lo) else None, fmt='o', color=c, capsize=4,
+                                       label=lab if i == 0 else None)
+        ax.axvline(1, color='k', lw=0.8, ls='--')
+        ax.set_yticks(range(len(s)), s.order); ax.set_ylim(max(len(s), 1) - 0.5, -0.5); ax.set_xscale('log')
+        paired = (s.speed_from == 'paired steps').all()
+        ax.set_xlabel(f"time per step, × {self.baseline}'s (log scale; faster ←)")
+        ax.set_title('Speed, ' + ('paired step timing' if paired else 'whole runs (no paired timing)') + ', 95 % CI')
+        if len(s): ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False)
+        _plain_log_axis(ax)
+        return ax
 
-@patch
-def save(self:Comparison, folder) -> Path:
-    "Write `report.md` and each of `figures()` as a PNG (`accuracy.png`, `tradeoff.png`, …) to `folder`, atomically"
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    with quiet_warnings():
-        for name, draw in self.figures().items():
-            fig = _figure(draw())
-            with atomic_path(folder/f'{name}.png') as tmp: fig.savefig(tmp, dpi=120, bbox_inches='tight', format='png')
-            plt.close(fig)
-    return atomic_write(folder/'report.md', self.markdown())
+    def plot_tradeoff(self, ax=None):
+        "Accuracy against train step time (log axis): each order's mean with 95 % intervals, each run a dot"
+        ax = ax or plt.subplots(figsize=(5.5, 4))[1]
+        paired = (self.stats.speed_from == 'paired steps').all()
+        for r in self.stats.itertuples():
+            g = self.runs[self.runs.order == r.order]
+            x, lo, hi = (r.train_x, r.train_lo, r.train_hi) if paired else (r.train_ms, r.train_ms/r.train_ms_factor, r.train_ms*r.train_ms_factor)
+            pts = ax.plot(g.train_ms if not paired else [x]*len(g), 100*g.accuracy, '.', alpha=0.4)[0]
+            ax.errorbar(x, r.acc, xerr=[[x - lo], [hi - x]] if _ok(lo) else None, yerr=np.clip([[r.acc - r.acc_lo], [r.acc_hi - r.acc]], 0, None) if _ok(r.acc_lo) else None,
+                        fmt='o', color=pts.get_color(), capsize=4, label=r.order)
+        ax.set_xscale('log')
+        ax.set_xlabel((f"train step time, × {self.baseline}'s" if paired else 'train ms per batch, whole runs') + ', log scale (faster ←)')
+        ax.set_ylabel('final valid accuracy, %'); ax.legend(fontsize=7); ax.set_title('Accuracy against speed')
+        _plain_log_axis(ax)
+        return ax
+
+    def notes(self) -> list:
+        "What a reader must know before trusting the answer: where the speed comes from, mixed contexts, a busy machine, wide intervals, partial orders, missing curves"
+        notes, runs, st = [], self.runs, self.stats
+        if (st.speed_from == 'whole runs').any(): notes.append(
+            "Speed here comes from whole runs, one after another (this folder has no paired step timing, speed.csv): they carry the "
+            "machine's drift and the data loading, which is the same for every order, so their verdicts are weaker than paired timing's.")
+        differ = {c: runs[c].value_counts() for c in _context_cols(runs) if runs[c].nunique() > 1}
+        if differ: notes.append("⚠ The runs come from different contexts, so their times are not comparable: " + '; '.join(
+            f"{c}: " + ', '.join(f"{v} ({n} runs)" for v, n in vc.items()) for c, vc in differ.items()) + '.')
+        busy = runs[runs.other_load > BUSY]
+        if len(busy): notes.append(
+            f"⚠ Other processes kept {100*busy.other_load.min():.0f}–{100*busy.other_load.max():.0f} % of the machine's cores busy during "
+            f"{len(busy)} of {len(runs)} runs ({', '.join(f'{r.order} seed {r.seed}' for r in busy.itertuples())}): their times are slower and "
+            "the intervals wider. Re-run those on a quiet machine (delete their files in runs/) for times to trust.")
+        for r in st[st.speed_from == 'whole runs'].itertuples():
+            if r.n > 1 and r.train_ms_factor > 1.2:
+                t = runs.train_ms[runs.order == r.order]
+                notes.append(f"The time interval of {r.order} is wide (×/÷ {r.train_ms_factor:.2f}): its {r.n} runs took {t.min():.1f} to {t.max():.1f} ms "
+                             "per batch" + (" while the machine was busy (above)." if len(busy) else ", with no other load seen: few runs, or a noisy machine."))
+        for o in self.orders:
+            layers = json.loads(runs.layer_orders[runs.order == o].iloc[0]) if 'layer_orders' in runs else {}
+            if len(layers) > 1 and layers.get(o) == 1:
+                notes.append(f"{o} is realised in 1 conv layer (the stem); the other layers, in the same order without the ops they lack: "
+                             + ', '.join(f"{n} × {k}" for k, n in layers.items() if k != o) + '.')
+        if not len(_histories(runs)): notes.append("These runs have no per-epoch history (recorded before it was kept): no training curves.")
+        return notes
+
+    def markdown(self) -> str:
+        "The whole report, answer first: sentences, table, tests, how to read them, notes, contexts, figures"
+        cfg = ', '.join(f'{k}={v}' for k, v in (self.config or {}).items())
+        notes = '\n'.join(f"- {n}" for n in self.notes())
+        sp = self.stats.iloc[1:]
+        how = (f"Accuracy: where an order and {self.baseline} share seeds (the same start), a paired t-test on the per-seed differences, "
+               f"else Welch's test; intervals stay within 0–100 %; below {MIN_TEST} seeds, no interval and no test. Speed: "
+               + (f"each order's train step (forward, loss, backward, step) and inference step timed against {self.baseline}'s, interleaved, "
+                  f"{int(sp.train_n.max()) if len(sp) and _ok(sp.train_n.max()) else 0} repeats; ratios taken within a repeat, their interval and "
+                  "t-test on logs." if (sp.speed_from == 'paired steps').all() else "whole-run times per batch, Welch's test on logs.")
+               + f" p-values are Holm-adjusted within accuracy and within speed; verdicts at α = {self.alpha:g}. P(better) is rliable's probability "
+               "of improvement: the chance that a run of the order beats a run of the baseline. Seeds needed: 80 % power, from the observed spread.")
+        figs = '\n'.join(f"![{n}]({n}.png)" for n in self.figures())
+        return (f"# Order comparison\n\n{' '.join(self.headline())}\n\n{cfg + '; ' if cfg else ''}seeds: {sorted(self.runs.seed.unique().tolist())}\n\n{self.table()}\n\n"
+                + (f"## Tests against {self.baseline}\n\n{self.tests()}\n\n{how}\n\n" if len(sp) else '')
+                + f"## Whole runs\n\nTimes per batch of the runs themselves, data loading included: context for the speed above.\n\n{self.whole_runs()}\n\n"
+                + (f"## Read before trusting the answer\n\n{notes}\n\n" if notes else '')
+                + f"## Where the times come from\n\n{_markdown_table(self.contexts())}\n\n## Figures\n\n{figs}\n")
+
+    def figures(self) -> dict:
+        "The report's figures that these runs can draw: name → method drawing it (returns its figure)"
+        f = dict(speed=self.plot_speed, accuracy=self.plot_accuracy)
+        if len(self.orders) > 1 and self.runs.seed.duplicated().any(): f['seeds'] = self.plot_seeds
+        if len(_histories(self.runs)): f['curves'] = self.plot_curves
+        if all(f'train_{p}_ms' in self.runs for p in PHASES): f['phases'] = self.plot_phases
+        return {**f, 'tradeoff': self.plot_tradeoff}
+
+    def save(self, folder) -> Path:
+        "Write `report.md` and each of `figures()` as a PNG (`accuracy.png`, `tradeoff.png`, …) to `folder`, atomically"
+        folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+        with quiet_warnings():
+            for name, draw in self.figures().items():
+                fig = _figure(draw())
+                with atomic_path(folder/f'{name}.png') as tmp: fig.savefig(tmp, dpi=120, bbox_inches='tight', format='png')
+                plt.close(fig)
+        return atomic_write(folder/'report.md', self.markdown())
