@@ -1,4 +1,4 @@
-"""`compare_orders`: train each order over several seeds, from the same start per seed, and say with error bars which is more accurate and which is faster.
+"""`compare_orders`: train each order over several seeds, from the same start per seed, time each order's steps paired, and say which is faster and which is more accurate, with the seeds it would take to tell.
 
 Docs: https://fastai-order.github.io/fastai_order/experiment/compare.html.md"""
 
