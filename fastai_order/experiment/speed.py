@@ -6,6 +6,7 @@ Docs: https://fastai-order.github.io/fastai_order/experiment/speed.html.md"""
 
 # %% ../../nbs/experiment/02a_speed.ipynb #53211960
 from __future__ import annotations
+import ctypes, ctypes.util
 from contextlib import contextmanager, ExitStack
 import pandas as pd, torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from ..timing.paired import paired_times
 from ..timing.wandb import random_state_kept
 
 # %% auto #0
-__all__ = ['train_step', 'eval_call', 'kept_as_is', 'step_times']
+__all__ = ['train_step', 'eval_call', 'kept_as_is', 'keep_freed_memory', 'step_times']
 
 # %% ../../nbs/experiment/02a_speed.ipynb #d3c4d9dd
 def _tuple(o): return tuple(o) if isinstance(o, (tuple, list)) else (o,)
@@ -55,6 +56,14 @@ def kept_as_is(model):
         model.load_state_dict(state)
         for m, t in modes: m.training = t
         for p, g in zip(params, grads): p.grad = g
+
+# %% ../../nbs/experiment/02a_speed.ipynb #09c3f107
+def keep_freed_memory() -> bool:
+    "Ask glibc's `malloc` to keep freed memory for reuse instead of returning it to the OS; returns whether it could"
+    try: mallopt = ctypes.CDLL(ctypes.util.find_library('c')).mallopt
+    except (OSError, AttributeError, TypeError): return False  # not glibc
+    M_TRIM_THRESHOLD,M_TOP_PAD,M_MMAP_THRESHOLD = -1,-2,-3
+    return all(mallopt(k, v) == 1 for k,v in ((M_MMAP_THRESHOLD, 32<<20), (M_TRIM_THRESHOLD, 2**31-1), (M_TOP_PAD, 1<<30)))
 
 # %% ../../nbs/experiment/02a_speed.ipynb #df19442a
 def _batch(dl, bs=None):

@@ -6,7 +6,6 @@ Docs: https://fastai-order.github.io/fastai_order/tools/bench.html.md"""
 
 # %% ../../nbs/tools/01_bench.ipynb #225b1f52
 from __future__ import annotations
-import ctypes, ctypes.util
 import pandas as pd
 import torch
 from fastcore.script import call_parse, store_true
@@ -16,21 +15,13 @@ from ..model.layers import ordered_xresnet, ordered_cnn, XRESNET_ARCHS
 from ..rewrite.swap import swap_order
 from ..experiment.run import ARCHS
 from ..experiment.setting import Setting
-from ..experiment.speed import train_step, eval_call
+from ..experiment.speed import keep_freed_memory, train_step, eval_call
 from ..timing.paired import paired_times, paired_ratios
 from ..core.checks import cli_errors, check_choice, check_int, check_bool
 
 # %% auto #0
-__all__ = ['keep_freed_memory', 'time_train_steps', 'compare_train_steps', 'time_eval', 'compare_eval', 'bench_models',
-           'bench_settings', 'bench', 'demo']
-
-# %% ../../nbs/tools/01_bench.ipynb #09c3f107
-def keep_freed_memory() -> bool:
-    "Ask glibc's `malloc` to keep freed memory for reuse instead of returning it to the OS; returns whether it could"
-    try: mallopt = ctypes.CDLL(ctypes.util.find_library('c')).mallopt
-    except (OSError, AttributeError, TypeError): return False  # not glibc
-    M_TRIM_THRESHOLD,M_TOP_PAD,M_MMAP_THRESHOLD = -1,-2,-3
-    return all(mallopt(k, v) == 1 for k,v in ((M_MMAP_THRESHOLD, 32<<20), (M_TRIM_THRESHOLD, 2**31-1), (M_TOP_PAD, 1<<30)))
+__all__ = ['time_train_steps', 'compare_train_steps', 'time_eval', 'compare_eval', 'bench_models', 'bench_settings', 'bench',
+           'demo']
 
 # %% ../../nbs/tools/01_bench.ipynb #bb5343b7
 def time_train_steps(model, x, y, steps=10, setting:Setting|None=None) -> float:
