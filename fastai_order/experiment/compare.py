@@ -13,7 +13,7 @@ from fastcore.script import call_parse, store_true
 from ..model.order import LayerOrder
 from .run import RunConfig, check_builds, run_learner, learner_id
 from .setting import Setting
-from .speed import step_times
+from .speed import step_times, keep_freed_memory
 from .results import RunsFolder, runs_table
 from .engines import RayEngine, get_engine, train_grid, ENGINES
 from .report import Comparison
@@ -98,6 +98,7 @@ def _speed(folder, cfgs, learner) -> pd.DataFrame:
 
 def time_orders(cfgs:list, learner=None) -> pd.DataFrame:
     "Each order's train step and inference, timed paired (`step_times`) on the runs' device, precision, backend and batch size: `cfgs`, one run per order"
+    keep_freed_memory()   # else glibc's returns and refaults of freed memory land on one order or another, differently in each process
     learners = {c.order: run_learner(c, learner=learner) for c in cfgs}
     first = next(iter(learners.values()))
     return step_times(learners, Setting(str(first.dls.device), cfgs[0].precision, cfgs[0].backend))

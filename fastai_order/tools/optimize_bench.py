@@ -17,7 +17,8 @@ from ..model.layers import ordered_cnn
 from ..rewrite.optimize import optimize_order
 from ..experiment.setting import Setting
 from ..core.checks import cli_errors, check_choice, check_int
-from .bench import keep_freed_memory, compare_eval, compare_train_steps
+from ..experiment.speed import keep_freed_memory
+from .bench import compare_eval, compare_train_steps
 
 # %% auto #0
 __all__ = ['optimize_models', 'eval_speedups', 'train_speedups', 'optimize_bench']

@@ -32,7 +32,7 @@ from ..timing.batch_timer import BatchTimer
 from ..timing.layer_timer import LayerTimer
 from ..timing.paired import paired_times, paired_ratios
 from .synthetic import synthetic_dls
-from .bench import keep_freed_memory
+from ..experiment.speed import keep_freed_memory
 
 # %% auto #0
 __all__ = ['timer_overhead', 'phase_shares', 'cuda_check', 'runner_overhead', 'engine_speedup', 'ddp_fit', 'ddp_launch',
