@@ -189,3 +189,8 @@ def test_a_learner_changed_since_its_runs_were_planned_is_refused():
     ident = learner_id(tiny_learner)
     changed = ident[:-8] + ('0' * 8 if not ident.endswith('0' * 8) else '1' * 8)
     with pytest.raises(ValueError, match="has changed since its runs were planned"): learner_function(changed)
+
+
+def test_the_realised_order_of_any_order_is_read_without_checking_a_swap():
+    "Reading a preact model's orders plans nothing: a swap to conv-bn-act would not fit its norms, and must not be asked"
+    assert realised_orders(build_model(RunConfig(arch='xresnet18', order='preact', workers=0), 3)) == {'bn-act-conv': 11, 'bn-conv': 11}
