@@ -24,7 +24,7 @@ TINY = dict(epochs=1, bs=4, size=16, workers=0)
     (dict(arch='timm:resnet1'), "Unknown timm model 'resnet1' in arch 'timm:resnet1': did you mean 'resnet18'?"),
     (dict(arch='torchvison:resnet18'), "did you mean 'torchvision'?"), (dict(arch='timm:resnet18', order='keras_question'), "timm:resnet18's conv blocks have none"),
     (dict(learner=f'{__name__}:no_such'), f"module '{__name__}' has no function 'no_such'"),
-    (dict(learner=f'{__name__}:tiny_learner', bs=8), f"bs belong to your learner '{__name__}:tiny_learner'")])
+    (dict(learner=f'{__name__}:tiny_learner', bs=8), f"bs belongs to your learner '{__name__}:tiny_learner'")])
 def test_every_choice_is_checked(bad, msg):
     if 'precision' in bad and torch.cuda.is_available(): pytest.skip('mixed precision is allowed on CUDA')
     with pytest.raises(ValueError, match=re.escape(msg)): RunConfig(**bad)

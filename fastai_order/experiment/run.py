@@ -119,7 +119,7 @@ class RunConfig:
         if self.learner is not None:
             if not isinstance(self.learner, str): raise TypeError(f"`learner` must be 'module:function' (compare_orders(learner=f) takes the function), got {self.learner!r}")
             if theirs := [k for k in LEARNERS_OWN if getattr(self, k) not in (_DEFAULTS[k], _filled(k))]: raise ValueError(
-                f"{', '.join(theirs)} belong to your learner {self.learner.split('#')[0]!r}: leave them out, and set them where it builds its Learner")
+                f"{', '.join(theirs)} {'belong' if len(theirs) > 1 else 'belongs'} to your learner {self.learner.split('#')[0]!r}: leave them out, and set them where it builds its Learner")
             if '#' not in self.learner: put('learner', learner_id(learner_function(self.learner)))
             put('workers', None)
         if self.backend == 'compile+channels_last': put('backend', 'channels_last+compile')   # one configuration, one label
