@@ -5,3 +5,7 @@ Modules:
 - `fastai_order.all`: The names a fastai user calls: `from fastai_order.all import *` (written by hand, not exported from a notebook)."""
 
 __version__ = "0.1.0"
+
+import warnings as _warnings
+# fastai's own modules call `torch.jit.script` at import, which torch deprecates: nothing a user of this package can act on
+_warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)

@@ -192,3 +192,11 @@ def test_an_unreadable_image_is_named_in_one_line_before_anything_trains(tiny_da
         compare_cli(orders='resnet', data=str(folder), seeds=1, out=str(tmp_path/'c'), **TINY)
     assert str(e.value).count('\n') == 0 and f"'{bad}' cannot be read" in str(e.value)
     assert not (tmp_path/'c').exists()
+
+
+def test_the_command_starts_without_a_warning_the_user_cannot_act_on():
+    "fastai calls `torch.jit.script` at import, which torch deprecates: the command's first lines are its own"
+    import subprocess, sys
+    from pathlib import Path
+    r = subprocess.run([str(Path(sys.executable).parent/'fastai-order-compare'), '--help'], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith('usage: fastai-order-compare') and 'torch.jit.script' not in r.stderr, r.stderr
