@@ -20,6 +20,7 @@ from ..model.layers import ordered_cnn, ordered_xresnet, XRESNET_ARCHS
 from ..rewrite.swap import swap_order, realised_orders
 from .data import check_data, check_recipe, get_dls
 from .setting import Setting, PRECISIONS, BACKENDS
+from .speed import kept_as_is
 from ..timing.batch_timer import BatchTimer, PHASES
 from ..timing.wandb import check_wandb_login, random_state_kept
 from ..core.checks import check_bool, check_choice, check_int, did_you_mean
@@ -244,18 +245,15 @@ def warm_up(learn:Learner, steps:int=2, cbs=()) -> Learner:
     "Fit `steps` train batches and validate `steps` valid batches (and one of the last one's size) without `cbs`, then undo it"
     if not steps: return learn
     dls, opt = learn.dls, learn.opt
-    weights = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}   # and BN statistics
     shuffles = [dl.rng.getstate() for dl in dls.loaders]
     try:
-        with random_state_kept():
+        with kept_as_is(learn.model), random_state_kept():   # weights, BN statistics, modes and gradients put back
             train, valid = (DataLoader(_first_batches(dl, steps), bs=None, device=dls.device) for dl in (dls.train, dls.valid))
             learn.dls, learn.opt = DataLoaders(train, valid, path=dls.path, device=dls.device), None   # a throwaway optimizer
             with learn.removed_cbs(cbs), learn.no_logging(), learn.no_bar(): learn.fit(1)
     finally:
         learn.dls, learn.opt = dls, opt
         for dl, state in zip(dls.loaders, shuffles): dl.rng.setstate(state)
-        learn.model.load_state_dict(weights)
-        learn.model.zero_grad(set_to_none=True)
     return learn
 
 # %% ../../nbs/experiment/03_run.ipynb #4809d3ac
