@@ -1,5 +1,5 @@
 "`compare_orders` and `fastai-order-compare` on a tiny Imagenette-shaped folder: resume, refusals before anything is created, single runs, W&B offline, Ctrl-C, bf16 on CUDA."
-import json
+import json, os
 import pandas as pd, pytest, torch, wandb
 
 import fastai_order.experiment.engines as engines
@@ -200,3 +200,12 @@ def test_the_command_starts_without_a_warning_the_user_cannot_act_on():
     from pathlib import Path
     r = subprocess.run([str(Path(sys.executable).parent/'fastai-order-compare'), '--help'], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.startswith('usage: fastai-order-compare') and 'torch.jit.script' not in r.stderr, r.stderr
+
+
+def test_a_cpu_only_machine_with_a_cuda_toolkit_is_not_told_so():
+    "torch logs 'No CUDA runtime is found, using CUDA_HOME=…' when it loads its compiler (torch.compile does) without a GPU"
+    import subprocess, sys, torch
+    if torch.cuda.is_available(): pytest.skip('the message is only logged without a GPU')
+    code = 'import fastai_order, torch.utils.cpp_extension; import logging; logging.getLogger("torch.utils.cpp_extension").warning("kept")'
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, env={**os.environ, 'CUDA_HOME': sys.prefix})
+    assert r.returncode == 0 and 'No CUDA runtime' not in r.stderr and 'kept' in r.stderr, r.stderr
