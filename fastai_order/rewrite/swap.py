@@ -10,17 +10,20 @@ from collections import Counter, OrderedDict
 import pandas as pd
 from torch import nn
 import torch.fx as fx
+import functools
 from fastcore.basics import patch, store_attr
 from fastai.learner import Learner
+from fastai.torch_core import get_model
 from ..model.order import LayerOrder
 from ..model.ops import module_role, op_role, role_ops, norm_act_forward_norm
 from ..model.layers import block_roles
+from ..model.record import stamp_order, stamped_order, saved_orders, warn_order_mismatch
 from ..core.checks import check_module, check_bool
 from .graph import (BLOCK_TYPES, ANCHORS, has_hooks, own_graph, own_graphs, set_forwards, TracedForward,
                                         graph_op, op_runs, inline_borders, owners, whole_owners, callable_children)
 
 # %% auto #0
-__all__ = ['SwapReport', 'swap_order', 'realised_orders']
+__all__ = ['SwapReport', 'swap_order', 'chain_orders', 'realised_orders']
 
 # %% ../../nbs/rewrite/01_swap.ipynb #4714d482
 def _size_preserving(conv):
@@ -301,12 +304,22 @@ def swap_order(
     "Put every conv chain of `model` in `order`, in place, keeping its parameter and buffer tensors and `state_dict` keys"
     rows, apply = _plan(model, order, absorb, head)
     apply()
+    for r in rows:   # each chain's first module records its order: in `repr(model)`, in checkpoints
+        if r['status'] != 'skipped' and (m := _module_at(model, r['path'])) is not None: stamp_order(m, r['new'])
     return SwapReport(LayerOrder(order), rows)
+
+def _module_at(model, path):
+    try: return model.get_submodule(path)
+    except AttributeError: return None
+
+def chain_orders(model) -> dict:
+    "{path: order} of every conv chain of `model` (the chains `swap_order` can reach), read from its forward; nothing changes"
+    rows, _ = _plan(model, 'conv-bn-act', absorb=False, head=None, check=False)   # only read: whether that order would fit does not matter
+    return {r['path']: r['old'] for r in rows if r['status'] != 'skipped'}
 
 def realised_orders(model) -> dict:
     "How many conv chains of `model` run in each order, most ops first (chains `swap_order` cannot reach are left out); nothing changes"
-    rows, _ = _plan(model, 'conv-bn-act', absorb=False, head=None, check=False)   # only read: whether that order would fit does not matter
-    counts = Counter(r['old'] for r in rows if r['status'] != 'skipped')
+    counts = Counter(chain_orders(model).values())
     return dict(sorted(counts.items(), key=lambda kv: (-len(LayerOrder(kv[0])), -kv[1])))
 
 
@@ -315,3 +328,23 @@ def realised_orders(model) -> dict:
 def swap_order(self:Learner, order, absorb=True, head=None) -> SwapReport:
     "Put every conv chain of `learn.model` (and with `head=` its head's) in `order`, in place; training goes on with the same optimizer state"
     return swap_order(self.model, order, absorb=absorb, head=head)
+
+def _check_loaded_orders(model, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
+    "load_state_dict pre-hook of `learn.load`: warn once when the checkpoint's chains were saved in other orders than `model` runs them"
+    saved = {p: o for p,o in saved_orders(state_dict).items() if (m := _module_at(model, p)) is not None}
+    if not saved: return
+    runs = {p: stamped_order(model.get_submodule(p)) for p in saved}
+    if None in runs.values(): runs = {**chain_orders(model), **{p: o for p,o in runs.items() if o}}   # chains never stamped: read from the forward
+    warn_order_mismatch([(p, o, runs[p]) for p,o in saved.items() if runs.get(p, o) != o], 'learn.swap_order({order!r})', error_msgs)
+
+_fastai_load = getattr(Learner.load, '__wrapped__', Learner.load)
+
+@patch
+@functools.wraps(_fastai_load)
+def load(self:Learner, file, *args, **kwargs):
+    model = get_model(self.model)
+    hook = model.register_load_state_dict_pre_hook(_check_loaded_orders)
+    try: return _fastai_load(self, file, *args, **kwargs)
+    finally: hook.remove()
+
+Learner.load.__doc__ = _fastai_load.__doc__ + "; warns once (`OrderWarning`) if its chains were saved in other orders than `learn.model` runs them"
