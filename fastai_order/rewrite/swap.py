@@ -305,7 +305,7 @@ def swap_order(
     rows, apply = _plan(model, order, absorb, head)
     apply()
     for r in rows:   # each chain's first module records its order: in `repr(model)`, in checkpoints
-        if r['status'] != 'skipped' and (m := _module_at(model, r['path'])) is not None: stamp_order(m, r['new'])
+        if r['status'] != 'skipped' and r['new'] and (m := _module_at(model, r['path'])) is not None: stamp_order(m, r['new'])
     return SwapReport(LayerOrder(order), rows)
 
 def _module_at(model, path):
@@ -315,7 +315,7 @@ def _module_at(model, path):
 def chain_orders(model) -> dict:
     "{path: order} of every conv chain of `model` (the chains `swap_order` can reach), read from its forward; nothing changes"
     rows, _ = _plan(model, 'conv-bn-act', absorb=False, head=None, check=False)   # only read: whether that order would fit does not matter
-    return {r['path']: r['old'] for r in rows if r['status'] != 'skipped'}
+    return {r['path']: r['old'] for r in rows if r['status'] != 'skipped' and r['old']}
 
 def realised_orders(model) -> dict:
     "How many conv chains of `model` run in each order, most ops first (chains `swap_order` cannot reach are left out); nothing changes"
