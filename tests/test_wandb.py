@@ -1,10 +1,12 @@
 "BatchTimer on W&B, through the real wandb client in offline mode, with and without fastai's WandbCallback."
 from pathlib import Path
-import pytest, wandb
+import pytest, torch, torchvision, wandb
 import fastai.callback.wandb as fastai_wandb
 from fastai.callback.wandb import WandbCallback
 from fastai_order.timing import wandb as fo_wandb
 from fastai_order.timing.batch_timer import BatchTimer, PHASES
+from fastai_order.rewrite.swap import swap_order
+from fastai_order.experiment.run import RunConfig, train_run
 from wandb_history import history, config, summary
 from test_timing import learner, FakeGPU, fake_events
 
@@ -105,3 +107,77 @@ def test_device_clock_in_summary(run):
     assert s['timing/train/total_ms'] == pytest.approx(mine.mean_ms['train', 'total'])
     assert s['timing/train/total_ms'] != pytest.approx(t.summary(clock='host').mean_ms['train', 'total'], rel=1e-9)
     assert any('timing/train/device_total_ms' in r for r in history(run_dir))
+
+
+def test_wandb_callback_records_the_order_of_each_fit(run):
+    "The order the model runs in goes into the run's config at before_fit, and a swap between fits updates it"
+    learn = learner()
+    fit(learn, 1, cbs=WandbCallback(log_preds=False))
+    first = dict(run.config)
+    swap_order(learn.model, 'bn_after')
+    fit(learn, 1, cbs=WandbCallback(log_preds=False))
+    run_dir = Path(run.dir).parent
+    run.finish()
+    assert (first['layer_order'], first['layer_orders']) == ('conv-bn-act-pool', {'conv-bn-act-pool': 2})
+    c = config(run_dir)
+    assert (c['layer_order'], c['layer_orders']) == ('conv-act-bn-pool', {'conv-act-bn-pool': 2})
+    assert c['batch size'] == 16   # fastai's own config is still there
+
+
+def test_a_mixed_model_records_its_count_per_order(run):
+    learn = learner(BatchTimer(wandb_every=0.001))
+    swap_order(learn.model[1], 'bn_after')   # the second conv block only
+    fit(learn, 1, cbs=WandbCallback(log_preds=False))
+    run_dir = Path(run.dir).parent
+    run.finish()
+    c = config(run_dir)
+    assert c['layer_order'] == 'mixed' and c['layer_orders'] == {'conv-bn-act-pool': 1, 'conv-act-bn-pool': 1}
+
+
+def test_batch_timer_alone_records_the_order(run):
+    learn = learner(BatchTimer(wandb_every=0.001), n=20, size=8)   # 2 batches
+    learn.model = torchvision.models.resnet18(num_classes=4)
+    swap_order(learn.model, 'bn_after')
+    fit(learn, 1)
+    run_dir = Path(run.dir).parent
+    run.finish()
+    c = config(run_dir)
+    assert c['layer_order'] == 'conv-act-bn-pool'
+    assert c['layer_orders'] == {'conv-act-bn-pool': 1, 'conv-act-bn': 8, 'conv-bn': 11}   # the blocks' second conv-bn, and the downsamples
+    assert 'Learner' not in c   # no WandbCallback: only the order
+
+
+def test_the_order_is_read_once_per_fit(run, monkeypatch):
+    "With both WandbCallback and BatchTimer logging, WandbCallback writes the order and the timer does not read it again"
+    import fastai_order.rewrite.swap as swap
+    calls, real = [], swap.realised_orders
+    monkeypatch.setattr(swap, 'realised_orders', lambda m: calls.append(m) or real(m))
+    learn = learner(BatchTimer(wandb_every=0.001))
+    fit(learn, 1, cbs=WandbCallback(log_preds=False))
+    fit(learn, 1)   # the timer alone
+    assert calls == [learn.model, learn.model]
+    assert run.config['layer_order'] == 'conv-bn-act-pool'
+
+
+def test_no_order_without_chains_or_when_unreadable(run, monkeypatch):
+    assert fo_wandb.layer_order_config(torch.nn.Sequential(torch.nn.Linear(2, 2))) == {}   # no conv chains: nothing to record
+    import fastai_order.rewrite.swap as swap
+    def broken(m): raise RuntimeError('cannot trace')
+    monkeypatch.setattr(swap, 'realised_orders', broken)
+    learn = learner(BatchTimer(wandb_every=0.001))
+    with pytest.warns(UserWarning, match="W&B: could not read the layer order of Sequential, so the run's config does not record it: cannot trace"):
+        fit(learn, 1)   # the fit goes on
+    assert 'layer_order' not in run.config and learn.recorder.values
+    t = BatchTimer(wandb_every=None)   # W&B logging off: no order either
+    fit(learner(t), 1)
+
+
+def test_a_compare_orders_run_keeps_its_order_and_records_the_realised_one(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv('WANDB_MODE', 'offline'); monkeypatch.setenv('WANDB_SILENT', 'true')
+    cfg = RunConfig(data=str(tiny_data), order='bn_after', epochs=1, bs=4, size=16, workers=0, wandb=True)
+    record = train_run(cfg, 'test', tmp_path)
+    run_dir, = (tmp_path/'wandb').glob('offline-run-*')
+    c = config(run_dir)
+    assert c['order'] == record['config']['order'] == 'conv-act-bn-pool'   # the RunConfig's, as before
+    assert c['layer_order'] == 'conv-act-bn-pool' and c['layer_orders'] == record['results']['layer_orders']
+    if wandb.run is not None: wandb.finish()

@@ -176,12 +176,19 @@ class BatchTimer(TimerCallback):
         device = device_clock(self.clock, self.learn.model, self._device)
         if self._device not in (None, device): self._device.drain(wait=True)   # the last run's device times, before its clock goes
         self._device = device
+        if self._logs_wandb():   # the order the model runs in, into the run's config
+            from .wandb import log_layer_order, wandb_callback
+            if wandb_callback(self.learn) is None: log_layer_order(self.learn.model)   # a logging `WandbCallback` has just written it
+
+    def _logs_wandb(self):
+        "Whether this timer logs to W&B now: `wandb_every` set, a W&B run active, on rank 0"
+        return self.wandb_every is not None and getattr(sys.modules.get('wandb'), 'run', None) is not None and rank_world()[0] == 0
 
     def before_train(self):
         if self._skip: return
         self._cur_split,self._trained = 'train',True
         self._started()
-        if self._log is None and self.wandb_every is not None and getattr(sys.modules.get('wandb'), 'run', None) is not None and rank_world()[0] == 0:
+        if self._log is None and self._logs_wandb():
             from .wandb import TimingLog   # only with a W&B run active: the wandb module imports wandb
             self._log = TimingLog(self.learn, [*PHASES, 'total'], self.wandb_every)
 

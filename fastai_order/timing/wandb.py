@@ -6,21 +6,24 @@ Docs: https://fastai-order.github.io/fastai_order/timing/wandb.html.md"""
 
 # %% ../../nbs/timing/03_wandb.ipynb #dcf771b3
 from __future__ import annotations
-import functools, os, random, time
+import functools, os, random, time, warnings
 from contextlib import contextmanager
 import numpy as np, torch
 from fastcore.basics import init_args
 from fastcore.foundation import L
 from fastai.learner import Learner
 from fastai.callback.core import Callback
+from ..core.distributed import PARALLEL_WRAPPERS
+from ..model.order import LayerOrder
 try:
     import wandb
     import fastai.callback.wandb as fastai_wandb
 except ImportError: wandb = fastai_wandb = None
 
 # %% auto #0
-__all__ = ['WANDB_CALLBACK_FIXED', 'WANDB_RANDOMNESS_FIXED', 'wandb_config_bug', 'fix_wandb_callback', 'random_state_kept',
-           'fix_wandb_randomness', 'check_wandb_login', 'TimingLog']
+__all__ = ['WANDB_CALLBACK_FIXED', 'WANDB_ORDER_RECORDED', 'WANDB_RANDOMNESS_FIXED', 'wandb_config_bug', 'fix_wandb_callback',
+           'one_order', 'layer_order_config', 'log_layer_order', 'wandb_callback', 'record_wandb_order',
+           'random_state_kept', 'fix_wandb_randomness', 'check_wandb_login', 'TimingLog']
 
 # %% ../../nbs/timing/03_wandb.ipynb #bb1a604e
 def wandb_config_bug() -> bool:
@@ -58,6 +61,56 @@ def fix_wandb_callback() -> bool:
     return True
 
 WANDB_CALLBACK_FIXED = fix_wandb_callback()
+
+# %% ../../nbs/timing/03_wandb.ipynb #bd59d229
+def one_order(counts:dict) -> str|None:
+    "The order all chains of `counts` (`realised_orders`) run in: the longest, when every other is a part of it in the same relative order; else `None`"
+    orders = sorted((LayerOrder(o) for o in counts), key=len, reverse=True)
+    if orders and all(o.ops == orders[0].restrict(o).ops for o in orders): return str(orders[0])
+
+def _unwrapped(model):
+    "`model` without data-parallel (`PARALLEL_WRAPPERS`) and `torch.compile` wrappers"
+    while True:
+        if isinstance(model, PARALLEL_WRAPPERS): model = model.module
+        elif isinstance(getattr(model, '_orig_mod', None), torch.nn.Module): model = model._orig_mod
+        else: return model
+
+def layer_order_config(model) -> dict:
+    "The W&B config keys for the order `model` runs in: `layer_order` (`one_order`, or 'mixed') and `layer_orders` (`realised_orders`); `{}` without conv chains"
+    from fastai_order.rewrite.swap import realised_orders   # torch.fx planning: imported when a run records an order, not with this module
+    counts = realised_orders(_unwrapped(model))
+    return dict(layer_order=one_order(counts) or 'mixed', layer_orders=counts) if counts else {}
+
+def log_layer_order(model) -> dict:
+    "Write `layer_order_config(model)` into the active W&B run's config, replacing an earlier fit's values; returns what it wrote"
+    if wandb is None or wandb.run is None: return {}
+    try: cfg = layer_order_config(model)
+    except Exception as e:   # a model the planner cannot read still trains and logs
+        warnings.warn(f"W&B: could not read the layer order of {type(model).__name__}, so the run's config does not record it: {e}")
+        return {}
+    if not cfg and 'layer_orders' in wandb.run.config: cfg = dict(layer_order=None, layer_orders={})   # an earlier fit's model had chains
+    new = {k: v for k, v in cfg.items() if wandb.run.config.get(k) != v}
+    if new: wandb.run.config.update(new, allow_val_change=True)
+    return new
+
+def wandb_callback(learn):
+    "`learn`'s fastai `WandbCallback` when it is logging in this fit (after its `before_fit`), else `None`"
+    cb = getattr(learn, 'wandb', None)
+    return cb if fastai_wandb is not None and isinstance(cb, fastai_wandb.WandbCallback) and getattr(cb, 'run', False) else None
+
+def record_wandb_order() -> bool:
+    "Make `WandbCallback.before_fit` record the model's order in the run's config (`log_layer_order`); returns whether it changed it"
+    if fastai_wandb is None or getattr(fastai_wandb.WandbCallback.before_fit, 'logs_layer_order', False): return False
+    before_fit = fastai_wandb.WandbCallback.before_fit
+    @functools.wraps(before_fit)
+    def _before_fit(self):
+        before_fit(self)
+        if self.run: log_layer_order(self.learn.model)
+    _before_fit.logs_layer_order = True
+    fastai_wandb.WandbCallback.before_fit = _before_fit
+    return True
+
+WANDB_ORDER_RECORDED = record_wandb_order()
 
 # %% ../../nbs/timing/03_wandb.ipynb #d130648c
 @contextmanager
@@ -112,8 +165,8 @@ class TimingLog:
 
     def _step(self):
         "`WandbCallback`'s current step when it is logging in this fit, else `None`"
-        cb = getattr(self.learn, 'wandb', None)
-        if isinstance(cb, fastai_wandb.WandbCallback) and cb.run and getattr(cb, '_wandb_step', -1) >= 0: return cb._wandb_step
+        cb = wandb_callback(self.learn)
+        if cb is not None and getattr(cb, '_wandb_step', -1) >= 0: return cb._wandb_step
 
     def log(self):
         "Log the window's means and start a new window"
