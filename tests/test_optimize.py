@@ -232,7 +232,8 @@ def test_learner_with_mixed_precision_or_a_bfloat16_model():
     learn.fit(1)
     r = learn.optimize_order('eval', reps=0)
     assert r.model is learn.model and str(learn.model[0].order) == 'conv-pool-act' and r.precision == 'float32'   # fastai autocasts on CUDA only
-    learn.fit(1)
+    learn.validate()
+    with pytest.raises(RuntimeError, match='for inference only'): learn.fit(1)   # the eval model is not trained
     learn = _learner(ordered_cnn(3, 4, (8, 16), order='conv-bn-act-pool').to(torch.bfloat16))
     r = learn.optimize_order(reps=0)
     assert r.precision == 'bfloat16' and [str(l.order) for l in learn.model[:2]] == ['conv-bn-pool-act'] * 2

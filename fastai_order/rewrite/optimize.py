@@ -22,6 +22,7 @@ from .commute import conditions_of, Rewrites, cost_of, check_mode
 from .proof import (REPARAMS, REFUSED, copy_model, model_kept, run_model, output_errors, rounding_sensitivity,
                                         group_error, run_precision, drift_of, drift_fails, tolerances, check_equivalence)
 from ..timing.paired import paired_times
+from .inference import inference_only, mark_inference_only
 from ..core.checks import check_module, check_number, check_int, check_bool
 
 # %% auto #0
@@ -123,6 +124,8 @@ class _Plan:
         self.after = rw.cheapest(pool_factor, keep=(lambda o: 'bn' in o) if keep_bn else None)
         self.steps = [f'{n} removed: dropout is the identity in evaluation' for n in drops] + rw.steps(self.after)
         self.fold = 'bn' in self.before and 'bn' not in self.after
+        eval_order = self.after != core and self.after not in Rewrites(core, 'train', mods.get('act'), **conditions_of(mods.values(), 'train'))
+        self.eval_only = dict(folded=int(self.fold), dropouts=len(drops), reordered=int(eval_order and not (self.fold or drops)))   # what holds in eval only
         self.costs = [cost_of(o, mode, pool_factor) for o in (self.before, self.after)]
         self.changed = self.after != self.before
 
@@ -363,7 +366,7 @@ def _example(model):
 
 def optimize_order(
     model, # any `nn.Module` torch.fx can trace
-    mode='train', # 'train': only rewrites exact in training; 'eval': BN folding and dropout removal too
+    mode='train', # 'train': only rewrites exact in training; 'eval': BN folding and dropout removal too (the result is for inference only: training it refuses)
     example=None, # batch the result is checked and timed on (default: 8 random inputs sized for the first conv)
     inplace=False, # rewrite `model` itself, once the checks passed on copies
     channels_last=None, # None: when it times faster on `example` (needs `reps`); True or False: always or never (2-D and 3-D convs)
@@ -382,6 +385,7 @@ def optimize_order(
     check_number('tol', tol, none_ok=True); check_number('grad_tol', grad_tol, none_ok=True); check_number('drift', drift, 1); check_int('reps', reps, 0)
     if not (autocast is None or autocast in (torch.bfloat16, torch.float16)): raise TypeError(
         f"`autocast` must be None (as the caller), torch.bfloat16 or torch.float16, got {autocast!r}")
+    if mode == 'train' and (mark := inference_only(model)): raise ValueError(REFUSED.format('inference only', f"mode='train' cannot make this model trainable again: {mark.message}"))
     x = _example(model) if example is None else example
     ctx, precision, unit = run_precision(x, autocast)
     with torch.autocast('cpu', enabled=False):   # equivalence: a float64 copy on the CPU, run before and after the rewrites
@@ -424,7 +428,9 @@ def optimize_order(
     if inplace:
         new = _replay(model, rw['steps'])
         if use_layout: new.to(memory_format=layout)
-    if mode == 'eval': new.eval()
+    if mode == 'eval':   # the rewrites that hold in evaluation only mark the model: training it refuses
+        new.eval()
+        mark_inference_only(new, **{k: sum(p.eval_only[k] for p in plans) for k in ('folded', 'dropouts', 'reordered')}, how='inplace' if inplace else 'copy')
     rows = [dict(path=p.slots[0] if len(p.slots) == 1 else f'{p.slots[0]} … {p.slots[-1]}', before='-'.join(p.before), after='-'.join(p.after),
                  cost_before=p.costs[0], cost_after=p.costs[1], error=e, reasons='; '.join(p.steps)) for p,e in zip(plans, errors)]
     return OptimizeReport(new, mode, rows, error, grad_error, tolerances(tol, grad_tol, rw['sensitivity']), times, use_layout, precision, dict(original=d0[0], rewritten=d1[0]),
@@ -443,7 +449,9 @@ def optimize_order(self:Learner, mode='train', **kwargs) -> OptimizeReport:
     x = self.dls.one_batch()[0]
     p = next(self.model.parameters(), None)
     if p is not None and p.is_floating_point(): x = x.to(p.device, p.dtype)   # a model cast to bfloat16 takes bfloat16 batches
+    marked = inference_only(self.model, recurse=False)
     report = optimize_order(self.model, mode, example=x, inplace=True, **{'autocast': _amp_dtype(self, x), **kwargs})
+    if marked is None and (mark := inference_only(self.model, recurse=False)): mark.how = 'learner'   # its advice is a learner's
     if self.opt is not None and {id(p) for p in self.model.parameters()} != {id(p) for g in self.opt.param_lists for p in g}:
         self.opt = None   # folded convs have new parameters: `fit` makes a new optimizer
     return report
