@@ -6,7 +6,7 @@ Docs: https://fastai-order.github.io/fastai_order/model/ops.html.md"""
 
 # %% ../../nbs/model/01_ops.ipynb #a3875880
 from __future__ import annotations
-import importlib
+import importlib, itertools
 import torch, torch.nn as nn, torch.nn.functional as F
 import fastai.layers as fl
 from ..core.checks import did_you_mean
@@ -14,7 +14,8 @@ from ..core.checks import did_you_mean
 # %% auto #0
 __all__ = ['OPS', 'ALIASES', 'ROLES', 'NAMES', 'OP_OF', 'ACTIVATIONS', 'NORM_ACTS', 'FUNCTIONAL_ACTS', 'op_of', 'role_ops',
            'op_names', 'activation_facts', 'norm_act_norm', 'module_role', 'op_role', 'norm_act_parts',
-           'norm_act_forward_norm', 'function_act', 'op_name', 'register_act', 'register_norm', 'register_norm_act']
+           'register_norm_part_hook', 'norm_act_forward_norm', 'function_act', 'op_name', 'register_act',
+           'register_norm', 'register_norm_act']
 
 # %% ../../nbs/model/01_ops.ipynb #3388f2a7
 OPS = ('conv', 'bn', 'act', 'pool', 'drop')   # the ops a conv block puts in order: a `LayerOrder`'s
@@ -136,11 +137,33 @@ def _batch_norm(m, x):
     return F.batch_norm(x, m.running_mean if stats else None, m.running_var if stats else None, m.weight, m.bias,
                         m.training or (m.running_mean is None and m.running_var is None), factor, m.eps)
 
+_NORM_PART_HOOKS = {}   # norm+act module: {handle number: (pre, post)}, only while a hook is registered
+
+class _NormPartHandle:
+    "Removes the hooks `register_norm_part_hook` registered"
+    _n = itertools.count()
+    def __init__(self, m, hooks): self.m,self.id = m,next(self._n); _NORM_PART_HOOKS.setdefault(m, {})[self.id] = hooks
+    def remove(self):
+        hooks = _NORM_PART_HOOKS.get(self.m, {})
+        hooks.pop(self.id, None)
+        if not hooks: _NORM_PART_HOOKS.pop(self.m, None)
+
+def register_norm_part_hook(m, pre=None, post=None):
+    "Call `pre(m, (x,))` before and `post(m, (x,), out)` after each call of norm+act module `m`'s norm part alone (`norm_act_forward_norm`), as a forward pre-hook and hook would; returns a handle with `remove()`"
+    if norm_act_norm(m) is None: raise TypeError(f"{type(m).__name__} is not a registered norm+act module; register it with `register_norm_act`")
+    return _NormPartHandle(m, (pre, post))
+
 def norm_act_forward_norm(m, x):
     "The norm part of norm+act module `m` applied to `x` (its `drop` included): `m` without its activation"
+    hooks = _NORM_PART_HOOKS.get(m) if _NORM_PART_HOOKS else None   # the module's forward hooks do not fire: the module is not called
+    if hooks:
+        for pre,_ in list(hooks.values()): pre and pre(m, (x,))
     norm = norm_act_norm(m)
-    x = _batch_norm(m, x) if issubclass(norm, nn.modules.batchnorm._BatchNorm) else norm.forward(m, x)
-    return m.drop(x) if hasattr(m, 'drop') else x
+    out = _batch_norm(m, x) if issubclass(norm, nn.modules.batchnorm._BatchNorm) else norm.forward(m, x)
+    out = m.drop(out) if hasattr(m, 'drop') else out
+    if hooks:
+        for _,post in list(hooks.values()): post and post(m, (x,), out)
+    return out
 
 # %% ../../nbs/model/01_ops.ipynb #c767721e
 FUNCTIONAL_ACTS = {F.relu: nn.ReLU, torch.relu: nn.ReLU, F.relu6: nn.ReLU6, F.leaky_relu: nn.LeakyReLU, F.elu: nn.ELU,

@@ -7,8 +7,8 @@ Docs: https://fastai-order.github.io/fastai_order/timing/layer_timer.html.md"""
 # %% ../../nbs/timing/02_layer_timer.ipynb #7b0ce205
 from __future__ import annotations
 from functools import partial
-import pandas as pd, torch
-from ..model.ops import module_role, ROLES
+import pandas as pd, torch, torch.nn as nn
+from ..model.ops import module_role, ROLES, register_norm_part_hook
 from .clock import Clock, HostClock, TimerCallback, check_clock, device_clock
 from ..core.distributed import rank_world, gather_ranks, fix_distributed_dl, rank_columns, PARALLEL_WRAPPERS
 from ..core.checks import check_int, check_choice
@@ -22,24 +22,37 @@ def _grad_node(out):
     if isinstance(out, (tuple, list)): out = next((o for o in out if isinstance(o, torch.Tensor)), None)
     return getattr(out, 'grad_fn', None)
 
+def _split_act(m):
+    "The activation child of norm+act module `m`, which a forward (its own or a swapped one) calls as a module, or None"
+    act = getattr(m, 'act', None)
+    return act if isinstance(act, nn.Module) else None
+
 def _timed_modules(model):
-    "(path, module) of each leaf module of `model`, a norm+act module (its activation inside) counting as one"
-    res, inside = [], None
+    "(path, module, role) of each op of `model`: its leaf modules but identities, and each norm+act module's norm part ('bn'; 'norm_act' as a whole if it has no `act` child) with its `act` child"
+    res, inside, act = [], None, None
     for n,m in model.named_modules():   # parents come before their children
-        if inside and n.startswith(inside): continue
-        if module_role(m) == 'norm_act': inside = f'{n}.'
-        if inside == f'{n}.' or not any(m.children()): res.append((n, m))
+        if inside and n.startswith(inside) and m is not act: continue
+        role = module_role(m)
+        if role == 'norm_act' and m is not act:
+            inside, act = f'{n}.', _split_act(m)
+            res.append((n, m, 'norm_act' if act is None else 'bn'))
+        elif (m is act or not any(m.children())) and type(m) is not nn.Identity: res.append((n, m, role or 'other'))
     return res
 
-def _by_role(ns, n, paths, split):
-    "Forward, backward and total ms per batch by role from the nanoseconds `ns` of `n` timed batches of `split`"
-    res = pd.DataFrame(0., index=pd.Index(LayerTimer.roles, name='role'), columns=['forward_ms', 'backward_ms'])
+def _by_role(ns, n, paths, split, calls={}):
+    "Forward, backward and total ms per batch by role from the nanoseconds `ns` of `n` timed batches of `split`, each role's % of the total, and its timed calls per batch from `calls`"
+    cols = [f'{d}_{u}' for u in ('ms', 'calls') for d in ('forward', 'backward')]
+    res = pd.DataFrame(0., index=pd.Index(LayerTimer.roles, name='role'), columns=cols)
     for i,(_,role,_) in enumerate(paths):
-        for d in ('forward', 'backward'): res.loc[role, f'{d}_ms'] += ns.get((split, i, d), 0)/1e6/n
-    for d in ('forward', 'backward'):   # what no leaf module accounts for
+        for d in ('forward', 'backward'):
+            res.loc[role, f'{d}_ms'] += ns.get((split, i, d), 0)/1e6/n
+            res.loc[role, f'{d}_calls'] += calls.get((split, i, d), 0)/n
+    for d in ('forward', 'backward'):   # what no op accounts for
         res.loc['other', f'{d}_ms'] += max(ns.get((split, -1, d), 0)/1e6/n - res[f'{d}_ms'].sum(), 0)
     res['total_ms'] = res.forward_ms + res.backward_ms
-    return res
+    res['pct'] = 100 * res.total_ms / res.total_ms.sum()
+    return res[['forward_ms', 'backward_ms', 'total_ms', 'pct', 'forward_calls', 'backward_calls']]
+
 
 # %% ../../nbs/timing/02_layer_timer.ipynb #5e1a7c3d
 class LayerTimer(TimerCallback):
@@ -53,7 +66,7 @@ class LayerTimer(TimerCallback):
         every:int|None=None, # time one batch in `every` after the warm-up; `None`: 1 on the host clock, 8 on a device clock
     ):
         self.warmup,self.clock,self.every = check_int('warmup', warmup, 0),check_clock(clock),check_int('every', every, none_ok=True)
-        self.paths,self.ns,self.batches,self.ranks = [],{},{},{}
+        self.paths,self.ns,self.calls,self.batches,self.ranks = [],{},{},{},{}
         self._init_state()
 
     def _init_state(self): self._handles,self._clock,self._on,self._t,self._spans,self._every,self._leaves = [],None,False,{},[],1,[]
@@ -66,7 +79,7 @@ class LayerTimer(TimerCallback):
         self._every = self.every or (1 if isinstance(self._clock, HostClock) else 8)
         if rank_world()[1] > 1: fix_distributed_dl()
         self._leaves = _timed_modules(model.module if isinstance(model, PARALLEL_WRAPPERS) else model)   # paths as in the model itself
-        self.paths = [(n, module_role(m) or 'other', type(m).__name__) for n,m in self._leaves]
+        self.paths = [(n, role, type(m).__name__) for n,m,role in self._leaves]
 
     def before_batch(self):
         self._on,self._cur_split = self.iter >= self.warmup and (self.iter - self.warmup) % self._every == 0,('train' if self.training else 'valid')
@@ -96,25 +109,29 @@ class LayerTimer(TimerCallback):
     def after_fit(self): self._on = False; self._remove_hooks(); self._resolve()
 
     # the hooks
-    def _hook(self, i, m):
-        "Attach the forward and backward timing hooks of leaf module `m`, number `i` in `paths`"
+    def _hook(self, i, m, role):
+        "Attach the forward and backward timing hooks of op `m`, number `i` in `paths`: a module, or a norm+act module's norm part"
         def pre(mod, inp):
-            if self._on: self._t[i] = self._clock.mark()
+            if self._on: self._t[i] = (self._clock.mark(), _grad_node(inp))
         def post(mod, inp, out):
             if i not in self._t: return
-            self._span((self._cur_split, i, 'forward'), self._t.pop(i))
+            start, before = self._t.pop(i)
+            self._span((self._cur_split, i, 'forward'), start)
             node = _grad_node(out)
-            if node is None or (inp and out is inp[0]): return  # no graph, or an identity (its node is another module's)
-            start = []
-            node.register_prehook(lambda grads: start.append(self._clock.mark()) if self._on else None)
+            if node is None or node is before: return   # no graph, or no op of its own (an identity); an in-place op has made a new node
+            begun = []
+            node.register_prehook(lambda grads: begun.append(self._clock.mark()) if self._on else None)
             def done(gi, go):
-                if self._on and start: self._span((self._cur_split, i, 'backward'), start.pop())
+                if self._on and begun: self._span((self._cur_split, i, 'backward'), begun.pop())
             node.register_hook(done)
         self._handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+        if role == 'bn' and module_role(m) == 'norm_act':   # a norm+act module's norm part: it ends where its activation starts, or is called alone after a swap
+            self._handles += [_split_act(m).register_forward_pre_hook(lambda act, inp: post(m, (), inp), prepend=True),
+                              register_norm_part_hook(m, pre, post)]
 
     def _add_hooks(self):
         model = self.learn.model
-        for i,(_,m) in enumerate(self._leaves): self._hook(i, m)
+        for i,(_,m,role) in enumerate(self._leaves): self._hook(i, m, role)
         def whole(mod, inp):
             if self._on: self._t['model'] = self._clock.mark()
         def whole_done(mod, inp, out):
@@ -130,7 +147,7 @@ class LayerTimer(TimerCallback):
         self._spans += [key, start, self._clock.mark()]
 
     def _store(self, keys, durations):
-        for k,d in zip(keys, durations): self.ns[k] = self.ns.get(k, 0) + d
+        for k,d in zip(keys, durations): self.ns[k],self.calls[k] = self.ns.get(k, 0) + d,self.calls.get(k, 0) + 1
 
     def _resolve(self, wait=False):
         "Add up the times whose marks have completed (all of them, waiting once, if `wait`)"
@@ -139,22 +156,33 @@ class LayerTimer(TimerCallback):
     # results
     @property
     def df(self):
-        "One row per leaf module and split: path, role, class, forward and backward ms per batch"
+        "One row per op and split: path, role, class, forward and backward ms per batch, and timed calls per batch"
         self._resolve(wait=True)
         rows = [dict(split=s, path=p, role=r, module=c,
-                     forward_ms=self.ns.get((s, i, 'forward'), 0)/1e6/n, backward_ms=self.ns.get((s, i, 'backward'), 0)/1e6/n)
+                     **{f'{d}_ms': self.ns.get((s, i, d), 0)/1e6/n for d in ('forward', 'backward')},
+                     **{f'{d}_calls': self.calls.get((s, i, d), 0)/n for d in ('forward', 'backward')})
                 for s,n in self.batches.items() for i,(p,r,c) in enumerate(self.paths)]
-        return pd.DataFrame(rows, columns=['split', 'path', 'role', 'module', 'forward_ms', 'backward_ms'])
+        return pd.DataFrame(rows, columns=['split', 'path', 'role', 'module', 'forward_ms', 'backward_ms', 'forward_calls', 'backward_calls'])
 
     def summary(self, split:str='train'):
-        "Forward and backward ms per batch by role (`roles`) for `split`, each role's % of the model's total; with several ranks, each rank's total ms, their mean and the slowest"
+        "Forward and backward ms per batch by role (`roles`) for `split`, each role's % of the model's total, and its timed calls per batch; with several ranks, each rank's total ms, their mean and the slowest"
         check_choice('split', split, list(self.batches) or ['train', 'valid'])
         self._resolve(wait=True)
-        res = _by_role(self.ns, self.batches[split], self.paths, split)
-        res['pct'] = 100 * res.total_ms / res.total_ms.sum()
+        res = _by_role(self.ns, self.batches[split], self.paths, split, self.calls)
         if len(self.ranks) < 2: return res
         means = pd.DataFrame({r: _by_role(ns, b[split], self.paths, split).total_ms for r,(ns, b) in sorted(self.ranks.items()) if b.get(split)})
         return res.join(rank_columns(means))
+
+    def against(self, timer, split:str='train'):
+        "The ops' and `other`'s forward and backward ms per batch of `split`, their sum, and `BatchTimer` `timer`'s forward and backward phases (mean ms per batch, from the same fit)"
+        s, b = self.summary(split), timer.summary().mean_ms[split]
+        res = pd.DataFrame({'ops_ms': [s[f'{d}_ms'].drop('other').sum() for d in ('forward', 'backward')],
+                            'other_ms': [s.loc['other', f'{d}_ms'] for d in ('forward', 'backward')]},
+                           index=pd.Index(['forward', 'backward'], name='phase'))
+        res['layer_timer_ms'] = res.ops_ms + res.other_ms
+        res['batch_timer_ms'] = [b[d] for d in ('forward', 'backward')]
+        res['ratio'] = res.layer_timer_ms / res.batch_timer_ms
+        return res
 
     def plot(self, split:str='train', ax=None):
         "Horizontal bars of forward and backward ms per batch by role"
