@@ -331,11 +331,12 @@ def swap_order(self:Learner, order, absorb=True, head=None) -> SwapReport:
 
 def _check_loaded_orders(model, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
     "load_state_dict pre-hook of `learn.load`: warn once when the checkpoint's chains were saved in other orders than `model` runs them"
-    saved = {p: o for p,o in saved_orders(state_dict).items() if (m := _module_at(model, p)) is not None}
-    if not saved: return
-    runs = {p: stamped_order(model.get_submodule(p)) for p in saved}
+    saved = saved_orders(state_dict)
+    modules = {p: m for p in saved if (m := _module_at(model, p)) is not None}
+    if not modules: return
+    runs = {p: stamped_order(m) for p,m in modules.items()}
     if None in runs.values(): runs = {**chain_orders(model), **{p: o for p,o in runs.items() if o}}   # chains never stamped: read from the forward
-    warn_order_mismatch([(p, o, runs[p]) for p,o in saved.items() if runs.get(p, o) != o], 'learn.swap_order({order!r})', error_msgs)
+    warn_order_mismatch([(p, saved[p], runs[p]) for p in modules if runs.get(p, saved[p]) != saved[p]], 'learn.swap_order({order!r})', error_msgs)
 
 _fastai_load = getattr(Learner.load, '__wrapped__', Learner.load)
 

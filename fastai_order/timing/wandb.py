@@ -98,17 +98,23 @@ def wandb_callback(learn):
     cb = getattr(learn, 'wandb', None)
     return cb if fastai_wandb is not None and isinstance(cb, fastai_wandb.WandbCallback) and getattr(cb, 'run', False) else None
 
-def record_wandb_order() -> bool:
-    "Make `WandbCallback.before_fit` record the model's order in the run's config (`log_layer_order`); returns whether it changed it"
-    if fastai_wandb is None or getattr(fastai_wandb.WandbCallback.before_fit, 'logs_layer_order', False): return False
+def _wrap_before_fit(flag, around) -> bool:
+    "Wrap fastai's `WandbCallback.before_fit` once (marked with `flag`) as `around(before_fit, cb)`; returns whether it changed it"
+    if fastai_wandb is None or getattr(fastai_wandb.WandbCallback.before_fit, flag, False): return False
     before_fit = fastai_wandb.WandbCallback.before_fit
     @functools.wraps(before_fit)
-    def _before_fit(self):
-        before_fit(self)
-        if self.run: log_layer_order(self.learn.model)
-    _before_fit.logs_layer_order = True
+    def _before_fit(self): return around(before_fit, self)
+    setattr(_before_fit, flag, True)
     fastai_wandb.WandbCallback.before_fit = _before_fit
     return True
+
+def _then_log_order(before_fit, cb):
+    before_fit(cb)
+    if cb.run: log_layer_order(cb.learn.model)
+
+def record_wandb_order() -> bool:
+    "Make `WandbCallback.before_fit` record the model's order in the run's config (`log_layer_order`); returns whether it changed it"
+    return _wrap_before_fit('logs_layer_order', _then_log_order)
 
 WANDB_ORDER_RECORDED = record_wandb_order()
 
@@ -121,16 +127,12 @@ def random_state_kept():
         try: yield
         finally: random.setstate(py); np.random.set_state(nps)
 
+def _random_state_kept_around(before_fit, cb):
+    with random_state_kept(): return before_fit(cb)
+
 def fix_wandb_randomness() -> bool:
     "Make `WandbCallback.before_fit` leave every random number generator as it found it; returns whether it changed it"
-    if fastai_wandb is None or getattr(fastai_wandb.WandbCallback.before_fit, 'keeps_random_state', False): return False
-    before_fit = fastai_wandb.WandbCallback.before_fit
-    @functools.wraps(before_fit)
-    def _before_fit(self):
-        with random_state_kept(): return before_fit(self)
-    _before_fit.keeps_random_state = True
-    fastai_wandb.WandbCallback.before_fit = _before_fit
-    return True
+    return _wrap_before_fit('keeps_random_state', _random_state_kept_around)
 
 WANDB_RANDOMNESS_FIXED = fix_wandb_randomness()
 
